@@ -1,0 +1,53 @@
+# make serve: create .venv, install tcserve, start it on the embedded model (ARGS="--port 9000" to add flags)
+# make test:  install the test dependencies (Python and node) and run the whole suite
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+# llama-cpp-python compiles llama.cpp on install (a few minutes; pip's wheel cache
+# serves later installs). Build only the library: no tools, examples, tests or server.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# ggml's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat) on CPUs that report
+# AMX inside VMs like ours; -march=native would turn them on, so keep them off.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install
+
+.PHONY: serve test install install-test lint clean
+
+serve: install
+	$(BIN)/tcserve serve $(ARGS)
+
+test: install-test tests/node/node_modules
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+tests/node/node_modules: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund
+	touch $@
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,3 @@
+from tcserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""create_app(settings): the HTTP edge. Engines are built in the lifespan and kept on app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from tcserve import __version__
+from tcserve.api import complete, models
+from tcserve.api.errors import (
+    INTERNAL_MESSAGE,
+    APIError,
+    InternalServerError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    error_body,
+    error_response,
+    to_api_error,
+    validation_message,
+)
+from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
+from tcserve.api.state import ServerState
+from tcserve.catalog import Catalog, ServedModel
+from tcserve.config import Settings, load_models
+from tcserve.engines.base import Engine
+from tcserve.engines.factory import build_engine, model_file_date
+from tcserve.errors import TCServeError
+
+log = logging.getLogger("tcserve")
+
+EngineFactory = Callable[[ServedModel], Engine]
+
+
+def create_app(
+    settings: Settings,
+    model_table: Sequence[ServedModel] | None = None,
+    engine_factory: EngineFactory = build_engine,
+) -> FastAPI:
+    """`model_table` defaults to `load_models(settings)`; tests pass their own."""
+    served = list(model_table) if model_table is not None else load_models(settings)
+    created = {model.name: model_file_date(model) or datetime.now(UTC) for model in served}
+    catalog = Catalog.build(served, created, seed_ids=settings.seed_model_ids)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engines = {model.name: engine_factory(model) for model in served}
+        app.state.tcserve = ServerState(settings, catalog, engines)
+        _warn_if_open(settings)
+        loading = [asyncio.create_task(_load(name, engine)) for name, engine in engines.items()]
+        try:
+            yield
+        finally:
+            for task in loading:
+                task.cancel()
+            await asyncio.gather(*loading, return_exceptions=True)
+            await asyncio.gather(*(engine.aclose() for engine in engines.values()), return_exceptions=True)
+
+    app = FastAPI(
+        title="tcserve",
+        version=__version__,
+        description="Anthropic's Text Completions API (POST /v1/complete) on local models.",
+        lifespan=lifespan,
+    )
+    app.include_router(complete.router)
+    app.include_router(models.router)
+    app.add_api_route("/health", health, methods=["GET"], summary="Ready (200) or loading (503)")
+    _install_error_handlers(app)
+    # Added innermost first: RequestContext ends up outermost.
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate, keys=settings.api_keys)
+    app.add_middleware(RequestContext)
+    return app
+
+
+async def _load(name: str, engine: Engine) -> None:
+    log.info("loading model %s", name)
+    try:
+        await engine.start()
+    except Exception:
+        log.exception("model %s failed to load; /health stays 503", name)
+        raise
+    log.info("model %s is ready", name)
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.tcserve
+    status = {name: ("ready" if engine.ready else "loading") for name, engine in state.engines.items()}
+    if state.ready:
+        return JSONResponse({"status": "ok", "models": status})
+    body = error_body(InternalServerError("The model is still loading"), request_id_of(request.scope))
+    return JSONResponse({**body, "models": status}, status_code=503, headers={"retry-after": "1"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_error(request: Request, error: Exception) -> Response:
+        request_id = request_id_of(request.scope)
+        return error_response(to_api_error(error, request_id), request_id)
+
+    async def on_http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        api_error: APIError
+        if error.status_code == 404:
+            api_error = NotFoundError(f"Not found: {request.method} {request.url.path}")
+        elif error.status_code == 405:
+            api_error = MethodNotAllowedError(f"Method {request.method} is not allowed on {request.url.path}")
+        elif error.status_code < 500:
+            api_error = InvalidRequestError(str(error.detail))
+        else:
+            api_error = InternalServerError(INTERNAL_MESSAGE)
+        return error_response(api_error, request_id_of(request.scope))
+
+    async def on_validation_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        api_error = InvalidRequestError(validation_message(error.errors()))
+        return error_response(api_error, request_id_of(request.scope))
+
+    app.add_exception_handler(APIError, on_error)
+    app.add_exception_handler(TCServeError, on_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+
+
+def _warn_if_open(settings: Settings) -> None:
+    if settings.api_keys or _is_loopback(settings.host):
+        return
+    log.warning(
+        "no API key is set and the server listens on %s: anyone who can reach it can use it "
+        "(set --api-key or TCSERVE_API_KEYS)",
+        settings.host,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,151 @@
+"""POST /v1/complete: wire request -> `GenerationRequest` -> completion events -> JSON or SSE.
+
+Everything that can fail is checked before the 200 goes out (spec: version,
+body, model, prompt rules, context fit, engine readiness), so that those
+failures are ordinary JSON errors with their real status; after that, a
+failure can only be an SSE `error` event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from tcserve import prompt
+from tcserve.api import sse
+from tcserve.api.errors import InvalidRequestError, error_event_data, to_api_error, validation_message
+from tcserve.api.headers import require_version
+from tcserve.api.middleware import request_id_of
+from tcserve.api.openapi import ERROR_RESPONSES
+from tcserve.api.protocol import Completion, CompletionRequest
+from tcserve.api.state import server_state
+from tcserve.completions import CompletionEvent, Done, check_context, complete
+from tcserve.config import FakeModel, LlamaCppModel
+from tcserve.errors import EngineNotReady
+from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
+from tcserve.ids import new_id
+
+router = APIRouter()
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@router.post(
+    "/v1/complete",
+    response_model=Completion,
+    responses={
+        **ERROR_RESPONSES,
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
+        }
+    },
+    dependencies=[Depends(require_version)],
+    summary="Create a Text Completion",
+)
+async def create_completion(request: Request) -> Response:
+    state = server_state(request)
+    request_id = request_id_of(request.scope)
+    wire = parse_completion_request(await request.body())
+    model = state.catalog.resolve(wire.model).served_by
+    engine = state.engines[model.name]
+    generation = to_generation_request(wire, model, request_id)
+    await check_context(engine, generation)
+    if not engine.ready:
+        raise EngineNotReady()
+    events = complete(engine, generation)
+    completion_id = new_id("compl")
+    if wire.stream:
+        frames = sse_frames(events, completion_id, wire.model, request_id)
+        return StreamingResponse(
+            sse.with_pings(frames, state.settings.ping_interval),
+            media_type="text/event-stream; charset=utf-8",
+            headers=SSE_HEADERS,
+        )
+    return JSONResponse(await whole_completion(events, completion_id, wire.model))
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"The request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as error:
+        raise InvalidRequestError(validation_message(error.errors())) from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def to_generation_request(
+    wire: CompletionRequest, model: LlamaCppModel | FakeModel, request_id: str
+) -> GenerationRequest:
+    """Parse, don't validate: the only way a wire request reaches an engine."""
+    user_stops = tuple(wire.stop_sequences or ())
+    if any(stop == "" for stop in user_stops):
+        raise InvalidRequestError("stop_sequences: a stop sequence must not be empty")
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=prompt.prepare(wire.prompt, check_transcript=model.check_transcript),
+        max_tokens=wire.max_tokens_to_sample,
+        sampling=SamplingParams(
+            temperature=1.0 if wire.temperature is None else float(wire.temperature),
+            top_p=None if wire.top_p is None else float(wire.top_p),
+            top_k=wire.top_k or None,
+        ),
+        stop_sequences=(HUMAN_STOP, *user_stops),
+    )
+
+
+def completion_body(
+    completion_id: str, model: str, text: str, stop_reason: str | None, stop: str | None
+) -> dict[str, Any]:
+    return {
+        "type": "completion",
+        "id": completion_id,
+        "completion": text,
+        "stop_reason": stop_reason,
+        "model": model,
+        "stop": stop,
+        "log_id": completion_id,
+    }
+
+
+async def whole_completion(
+    events: AsyncGenerator[CompletionEvent, None], completion_id: str, model: str
+) -> dict[str, Any]:
+    parts: list[str] = []
+    async with aclosing(events):
+        async for event in events:
+            parts.append(event.text)
+            if isinstance(event, Done):
+                return completion_body(completion_id, model, "".join(parts), event.stop_reason, event.stop)
+    raise AssertionError("completion events ended without Done")  # complete() guarantees a Done
+
+
+async def sse_frames(
+    events: AsyncGenerator[CompletionEvent, None], completion_id: str, model: str, request_id: str
+) -> AsyncIterator[bytes]:
+    async with aclosing(events):
+        try:
+            async for event in events:
+                stop_reason = event.stop_reason if isinstance(event, Done) else None
+                stop = event.stop if isinstance(event, Done) else None
+                body = completion_body(completion_id, model, event.text, stop_reason, stop)
+                yield sse.encode("completion", body)
+        except Exception as error:  # the 200 is out: the failure can only be an error event
+            yield sse.encode_raw("error", error_event_data(to_api_error(error, request_id), request_id))

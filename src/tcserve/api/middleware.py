@@ -1,0 +1,161 @@
+"""The edge's pure-ASGI middleware, outermost first:
+
+- `RequestContext`: gives each request its `req_...` id (scope state, log
+  context, `request-id` header on every response), logs one access line, and
+  turns anything that escaped into a JSON 500.
+- `Authenticate`: when keys are configured, every path but the public ones
+  needs `x-api-key` or `Authorization: Bearer` matching one (checked first, so
+  nothing about the request is revealed to a caller without a key).
+- `LimitBody`: answers 413 when the body is over the limit, from
+  `content-length` or while streaming it in, without buffering it.
+
+They are plain ASGI so that they also cover unknown paths and wrong methods,
+and so that streaming responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Iterable
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tcserve.api.errors import (
+    APIError,
+    AuthenticationError,
+    RequestTooLargeError,
+    error_response,
+    to_api_error,
+)
+from tcserve.ids import new_id
+from tcserve.logs import request_id_var
+
+log = logging.getLogger("tcserve.access")
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+
+
+def request_id_of(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+async def send_error(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    await error_response(error, request_id_of(scope))(scope, receive, send)
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_id("req")
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                if "request-id" not in headers:
+                    headers["request-id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as error:  # the last line of defence: never a stack trace on the wire
+            if status:
+                raise  # headers already went out; uvicorn closes the connection
+            status = 500
+            await send_error(scope, receive, send_with_id, to_api_error(error, request_id))
+        finally:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.info("%s %s %s %.0fms", scope["method"], scope["path"], status, elapsed_ms)
+            request_id_var.reset(token)
+
+
+class Authenticate:
+    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = tuple(key.encode() for key in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = _presented_key(Headers(scope=scope))
+        if presented is None:
+            await send_error(scope, receive, send, AuthenticationError("x-api-key header is required"))
+        elif not self._matches(presented.encode()):
+            await send_error(scope, receive, send, AuthenticationError("invalid x-api-key"))
+        else:
+            await self.app(scope, receive, send)
+
+    def _matches(self, presented: bytes) -> bool:
+        # Compare with every key, in constant time each, so timing reveals neither which nor how much.
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(presented, key)
+        return matched
+
+
+def _presented_key(headers: Headers) -> str | None:
+    if key := headers.get("x-api-key"):
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class LimitBody:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(scope, receive, send, self._error())
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await send_error(scope, receive, send, self._error())
+
+    def _error(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"Request exceeds the maximum allowed size of {self.max_bytes} bytes")

@@ -1,0 +1,93 @@
+"""Which model ids the server answers to, and which configured model serves each.
+
+Every Claude id of the seed document is accepted out of the box and served by
+the default (first) model, unless the model table claims that id itself. An
+id nobody claims is a `ModelNotFound`: there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tcserve.config import FakeModel, LlamaCppModel
+from tcserve.errors import ModelNotFound
+
+ServedModel = LlamaCppModel | FakeModel
+
+# id -> (display name, created_at date). The date is the one in the id or in its
+# dated sibling; claude-opus-4-6 has no dated sibling and counts as newest (ours).
+SEED_MODELS: dict[str, tuple[str, str]] = {
+    "claude-opus-4-6": ("Claude Opus 4.6", "2026-02-01"),
+    "claude-opus-4-5-20251101": ("Claude Opus 4.5", "2025-11-01"),
+    "claude-opus-4-5": ("Claude Opus 4.5", "2025-11-01"),
+    "claude-3-7-sonnet-latest": ("Claude Sonnet 3.7", "2025-02-19"),
+    "claude-3-7-sonnet-20250219": ("Claude Sonnet 3.7", "2025-02-19"),
+    "claude-3-5-haiku-latest": ("Claude Haiku 3.5", "2024-10-22"),
+    "claude-3-5-haiku-20241022": ("Claude Haiku 3.5", "2024-10-22"),
+    "claude-haiku-4-5": ("Claude Haiku 4.5", "2025-10-01"),
+    "claude-haiku-4-5-20251001": ("Claude Haiku 4.5", "2025-10-01"),
+    "claude-sonnet-4-20250514": ("Claude Sonnet 4", "2025-05-14"),
+    "claude-sonnet-4-0": ("Claude Sonnet 4", "2025-05-14"),
+    "claude-4-sonnet-20250514": ("Claude Sonnet 4", "2025-05-14"),
+    "claude-sonnet-4-5": ("Claude Sonnet 4.5", "2025-09-29"),
+    "claude-sonnet-4-5-20250929": ("Claude Sonnet 4.5", "2025-09-29"),
+    "claude-opus-4-0": ("Claude Opus 4", "2025-05-14"),
+    "claude-opus-4-20250514": ("Claude Opus 4", "2025-05-14"),
+    "claude-4-opus-20250514": ("Claude Opus 4", "2025-05-14"),
+    "claude-opus-4-1-20250805": ("Claude Opus 4.1", "2025-08-05"),
+    "claude-3-opus-latest": ("Claude Opus 3", "2024-02-29"),
+    "claude-3-opus-20240229": ("Claude Opus 3", "2024-02-29"),
+    "claude-3-haiku-20240307": ("Claude Haiku 3", "2024-03-07"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """One id as /v1/models lists it, and the configured model behind it."""
+
+    id: str
+    display_name: str
+    created_at: datetime
+    served_by: ServedModel
+
+
+class Catalog:
+    def __init__(self, entries: Sequence[ModelEntry]) -> None:
+        self._by_id = {entry.id: entry for entry in entries}
+        # Newest first, ties by id (spec, "Models").
+        self.entries = sorted(entries, key=lambda e: e.id)
+        self.entries.sort(key=lambda e: e.created_at, reverse=True)
+
+    @classmethod
+    def build(
+        cls, models: Sequence[ServedModel], created: dict[str, datetime], *, seed_ids: bool = True
+    ) -> Catalog:
+        """`created` gives each configured model's fallback date (its file's date)."""
+        entries: list[ModelEntry] = []
+        for model in models:
+            when = model.created_at or created.get(model.name) or datetime.now(UTC)
+            when = when if when.tzinfo else when.replace(tzinfo=UTC)
+            shown = model.display_name or model.name
+            entries += [ModelEntry(i, shown, when, model) for i in (model.name, *model.aliases)]
+        if seed_ids:
+            claimed = {entry.id for entry in entries}
+            for model_id, (shown, day) in SEED_MODELS.items():
+                if model_id not in claimed:
+                    when = datetime.fromisoformat(day).replace(tzinfo=UTC)
+                    entries.append(ModelEntry(model_id, shown, when, models[0]))
+        return cls(entries)
+
+    def resolve(self, model_id: str) -> ModelEntry:
+        try:
+            return self._by_id[model_id]
+        except KeyError:
+            raise ModelNotFound(model_id) from None
+
+    def find(self, model_id: str) -> ModelEntry | None:
+        return self._by_id.get(model_id)
+
+    def index_of(self, model_id: str) -> int | None:
+        entry = self._by_id.get(model_id)
+        return None if entry is None else self.entries.index(entry)

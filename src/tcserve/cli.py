@@ -1,0 +1,202 @@
+"""tcserve serve | models | complete: flags -> Settings -> app, or a small client of a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from tcserve import __version__, logs, prompt
+from tcserve.config import DEFAULT_CONTEXT_SIZE, ConfigError, Settings, load_models
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+        return result
+    except (ConfigError, ClientError) as error:
+        print(f"tcserve: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcserve",
+        description="Anthropic's Text Completions API (POST /v1/complete) on local models.",
+    )
+    parser.add_argument("--version", action="version", version=f"tcserve {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the server", description=_SERVE_HELP)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; env TCSERVE_HOST)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080; env TCSERVE_PORT)")
+    serve.add_argument("--config", type=Path, help="TOML model table (see README; env TCSERVE_CONFIG)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="accept this key in x-api-key or Authorization: Bearer; repeat for several "
+        "(env TCSERVE_API_KEYS=k1,k2); with none the server is open",
+    )
+    serve.add_argument(
+        "--model-path", type=Path, help="GGUF file to serve as the default model (default: packaged Gemma 3 270M)"
+    )
+    serve.add_argument(
+        "--ctx-size", type=int, help=f"context tokens of the default model (default {DEFAULT_CONTEXT_SIZE})"
+    )
+    serve.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: every core)")
+    serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 32 MiB)")
+    serve.add_argument(
+        "--ping-interval", type=float, help="seconds of silence before a stream gets a ping event (default 15)"
+    )
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)"
+    )
+    serve.set_defaults(run=_serve)
+
+    models = commands.add_parser("models", help="list the models of a running server")
+    _client_flags(models)
+    models.set_defaults(run=_models)
+
+    complete = commands.add_parser(
+        "complete", help="stream a completion from a running server", description=_COMPLETE_HELP
+    )
+    complete.add_argument("prompt", help="a question (wrapped in Human/Assistant turns) or a whole transcript")
+    complete.add_argument("--model", default="claude-sonnet-4-5", help="model id (default claude-sonnet-4-5)")
+    complete.add_argument("--max-tokens", type=int, default=256, help="max_tokens_to_sample (default 256)")
+    complete.add_argument("--temperature", type=float, help="0 (greedy) to 1 (default: the server's, 1)")
+    complete.add_argument("--top-p", type=float, help="nucleus sampling, 0 to 1")
+    complete.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    complete.add_argument("--stop", action="append", help="a stop sequence; repeat for several")
+    complete.add_argument("--raw", action="store_true", help="send the prompt as is, without Human/Assistant turns")
+    _client_flags(complete)
+    complete.set_defaults(run=_complete)
+    return parser
+
+
+_SERVE_HELP = """Start the server. Flags override TCSERVE_* variables, which override defaults.
+Without --config the server has one model, the packaged Gemma 3 270M (or --model-path),
+which also answers every Claude model id of the seed list."""
+
+_COMPLETE_HELP = """Stream a completion from a running tcserve to the terminal. A bare prompt is
+wrapped as "\\n\\nHuman: PROMPT\\n\\nAssistant:". Like the SDKs, it reads ANTHROPIC_BASE_URL
+and ANTHROPIC_API_KEY."""
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("ANTHROPIC_BASE_URL", DEFAULT_BASE_URL),
+        help=f"server URL (env ANTHROPIC_BASE_URL, default {DEFAULT_BASE_URL})",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("ANTHROPIC_API_KEY"), help="key to send (env ANTHROPIC_API_KEY)"
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tcserve.api.app import create_app
+
+    flags = ("host", "port", "config", "api_keys", "model_path", "ctx_size", "threads", "max_body_bytes",
+             "ping_interval", "log_level")  # fmt: skip
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if settings.model_path is not None and not settings.model_path.is_file():
+        raise ConfigError(f"--model-path: no such file: {settings.model_path}")
+    logs.setup(settings.log_level)
+    app = create_app(settings, load_models(settings))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+class ClientError(Exception):
+    pass
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    headers = {"anthropic-version": "2023-06-01"}
+    if args.api_key:
+        headers["x-api-key"] = args.api_key
+    return httpx.Client(base_url=args.base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600, connect=5))
+
+
+def _models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        body = _json_or_raise(_request(client, "GET", "/v1/models", params={"limit": 1000}))
+    for model in body["data"]:
+        print(f"{model['id']:<32} {model['created_at'][:10]}  {model['display_name']}")
+    return 0
+
+
+def _complete(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "model": args.model,
+        "prompt": args.prompt if args.raw else prompt.wrap_bare_prompt(args.prompt),
+        "max_tokens_to_sample": args.max_tokens,
+        "stream": True,
+    }
+    for flag, field in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                        ("stop", "stop_sequences")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            body[field] = getattr(args, flag)
+    try:
+        with _client(args) as client, client.stream("POST", "/v1/complete", json=body) as response:
+            _print_stream(response)
+    except httpx.TransportError as error:
+        raise ClientError(f"connection to {args.base_url} failed: {error}") from None
+    return 0
+
+
+def _print_stream(response: httpx.Response) -> None:
+    if response.status_code != 200:
+        response.read()
+        _json_or_raise(response)
+    event = ""
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data = json.loads(line[5:])
+            if event == "error":
+                raise ClientError(f"stream ended with an error: {data['error']['message']}")
+            if event == "completion":
+                sys.stdout.write(data["completion"])
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    try:
+        return client.request(method, path, **kwargs)
+    except httpx.TransportError as error:
+        raise ClientError(f"connection to {client.base_url} failed: {error}") from None
+
+
+def _json_or_raise(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        raise ClientError(f"{response.status_code} from the server, and not JSON") from None
+    if response.status_code != 200:
+        error = body.get("error", {})
+        raise ClientError(f"{response.status_code} {error.get('type')}: {error.get('message')}")
+    return body

@@ -1,0 +1,143 @@
+"""Settings: CLI flags and `TCSERVE_*` variables -> one object; a TOML file -> the model table.
+
+Config flows one way: `cli.py` parses flags into a `Settings`, `load_models`
+reads the model table, and `api.app.create_app(settings)` builds the server.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+DEFAULT_CONTEXT_SIZE = 8192
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The config file or a setting is wrong; the message says where and how."""
+
+
+class _ModelBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="The id clients send as `model`.")
+    display_name: str | None = Field(None, description="Shown by GET /v1/models; defaults to the name.")
+    aliases: tuple[str, ...] = Field((), description="Other ids that reach this model.")
+    context_size: int = Field(DEFAULT_CONTEXT_SIZE, ge=16, description="Tokens of context (prompt + completion).")
+    check_transcript: bool = Field(
+        True, description="Enforce the Human/Assistant prompt rules; false for raw completion on base models."
+    )
+    created_at: datetime | None = Field(None, description="Listed by /v1/models; defaults to the file's date.")
+
+
+class LlamaCppModel(_ModelBase):
+    """A GGUF file served by the embedded llama.cpp engine."""
+
+    engine: Literal["llamacpp"] = "llamacpp"
+    path: Path | None = Field(None, description="GGUF file; default: the packaged Gemma 3 270M.")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: every core.")
+
+
+class FakeModel(_ModelBase):
+    """A scripted engine for tests and demos: it answers `reply`, one word per token."""
+
+    engine: Literal["fake"]
+    reply: str = " Hello! I am a scripted test model."
+    token_delay: float = Field(0.0, ge=0, description="Seconds to wait before each token.")
+    load_delay: float = Field(0.0, ge=0, description="Seconds to 'load' before /health turns ready.")
+    fail_after: int | None = Field(None, ge=0, description="Raise an engine failure after this many tokens.")
+
+
+ModelConfig = Annotated[LlamaCppModel | FakeModel, Field(discriminator="engine")]
+
+
+class _ModelTable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelConfig] = Field(min_length=1)
+
+
+class Settings(BaseSettings):
+    """Everything the server needs, from flags (highest), `TCSERVE_*` variables, then defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="TCSERVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    config: Path | None = None
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    model_path: Path | None = None
+    ctx_size: int | None = Field(None, ge=16)
+    threads: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(32 * MiB, ge=1)
+    ping_interval: float = Field(15.0, gt=0)
+    seed_model_ids: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):  # TCSERVE_API_KEYS=key1,key2
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+
+def load_models(settings: Settings) -> list[LlamaCppModel | FakeModel]:
+    """The model table: the config file's, or the embedded default; flags then apply
+    to the first (default) model."""
+    models = _read_table(settings.config) if settings.config else [LlamaCppModel(name=DEFAULT_MODEL_NAME)]
+    first = models[0]
+    overrides: dict[str, object] = {}
+    if settings.ctx_size is not None:
+        overrides["context_size"] = settings.ctx_size
+    if isinstance(first, LlamaCppModel):
+        if settings.model_path is not None:
+            overrides["path"] = settings.model_path
+        if settings.threads is not None:
+            overrides["threads"] = settings.threads
+    elif settings.model_path is not None:
+        raise ConfigError("--model-path applies to a llama.cpp model, but the first model is not one")
+    models[0] = first.model_copy(update=overrides)
+    _check_unique_ids(models)
+    return models
+
+
+def _read_table(path: Path) -> list[LlamaCppModel | FakeModel]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    try:
+        table = _ModelTable.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"config file {path}: {where}: {first['msg']}") from None
+    return [_resolve_relative(m, path.parent) for m in table.models]
+
+
+def _resolve_relative(model: LlamaCppModel | FakeModel, base: Path) -> LlamaCppModel | FakeModel:
+    if isinstance(model, LlamaCppModel) and model.path is not None and not model.path.is_absolute():
+        return model.model_copy(update={"path": base / model.path})
+    return model
+
+
+def _check_unique_ids(models: list[LlamaCppModel | FakeModel]) -> None:
+    seen: set[str] = set()
+    for model in models:
+        for model_id in (model.name, *model.aliases):
+            if model_id in seen:
+                raise ConfigError(f"model id {model_id!r} is declared twice in the model table")
+            seen.add(model_id)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

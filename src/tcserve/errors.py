@@ -1,0 +1,61 @@
+"""Errors raised below the HTTP edge, written out once as a tree.
+
+    TCServeError
+    ├── InvalidRequest        the caller asked for something we will not do
+    │   ├── PromptError       the Human/Assistant transcript breaks the rules
+    │   └── ContextOverflow   prompt + max_tokens_to_sample exceed the context
+    ├── ModelNotFound         no model answers to that id
+    ├── Overloaded            no room now; try again after `retry_after` seconds
+    ├── EngineNotReady        the model is still loading
+    └── EngineFailure         the engine broke; the detail is for the log only
+
+`tcserve.api.errors` maps each of them to a status and an Anthropic error body
+(and, after the stream has started, to an SSE `error` event).
+"""
+
+from __future__ import annotations
+
+
+class TCServeError(Exception):
+    """Base of every error tcserve raises on purpose."""
+
+
+class InvalidRequest(TCServeError):
+    """A mistake in the request: the message is shown to the caller as is."""
+
+
+class PromptError(InvalidRequest):
+    pass
+
+
+class ContextOverflow(InvalidRequest):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_size: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_size = context_size
+        super().__init__(
+            f"prompt is too long: {prompt_tokens} tokens + {max_tokens} "
+            f"max_tokens_to_sample > {context_size} context"
+        )
+
+
+class ModelNotFound(TCServeError):
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        super().__init__(f"model: {model_id}")
+
+
+class Overloaded(TCServeError):
+    def __init__(self, message: str = "Overloaded", retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class EngineNotReady(TCServeError):
+    def __init__(self, message: str = "The model is still loading", retry_after: float = 2.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class EngineFailure(TCServeError):
+    """The engine failed. `str(error)` goes to the log, never to the client."""

@@ -1,0 +1,66 @@
+"""The engine-facing vocabulary: what an engine is asked for and what it says back.
+
+Nothing here knows about HTTP, pydantic or llama.cpp. The HTTP edge turns a
+wire request into a `GenerationRequest` once ("parse, don't validate"), and an
+engine only ever accepts that type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+HUMAN_STOP = "\n\nHuman:"
+"""The stop that every Text Completions request has, before the user's own."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each next token. `temperature == 0` means greedy."""
+
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A validated completion request, ready for an engine.
+
+    `prompt` is the exact text to feed the model. `stop_sequences` are enforced
+    by the caller's stop matcher (engines may also use them as a hint).
+    """
+
+    request_id: str
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_sequences: tuple[str, ...] = (HUMAN_STOP,)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New generated text: always whole UTF-8 characters, possibly empty."""
+
+    text: str
+
+
+FinishReason = Literal["end_of_sequence", "max_tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The engine stopped on its own: the model's end-of-sequence token or the
+    token budget. (A stop sequence is found above the engine, not in it.)"""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+EngineEvent = TextDelta | Finished
