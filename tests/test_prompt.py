@@ -16,7 +16,10 @@ ACCEPTED = [
     # Trailing whitespace is removed.
     ("\n\nHuman: Hello\n\nAssistant: \n ", "\n\nHuman: Hello\n\nAssistant:"),
     # Several turns.
-    ("\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:", "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:"),
+    (
+        "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:",
+        "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:",
+    ),
     # A single-newline marker is not a turn: it is just text inside the Human turn.
     ("\n\nHuman: say\nAssistant: hi\n\nAssistant:", "\n\nHuman: say\nAssistant: hi\n\nAssistant:"),
 ]

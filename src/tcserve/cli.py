@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         "(env TCSERVE_API_KEYS=k1,k2); with none the server is open",
     )
     serve.add_argument(
-        "--model-path", type=Path, help="GGUF file to serve as the default model (default: packaged Gemma 3 270M)"
+        "--model-path",
+        type=Path,
+        help="GGUF file to serve as the default model (default: packaged Gemma 3 270M)",
     )
     serve.add_argument(
         "--ctx-size", type=int, help=f"context tokens of the default model (default {DEFAULT_CONTEXT_SIZE})"
@@ -60,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: every core)")
     serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 32 MiB)")
     serve.add_argument(
-        "--ping-interval", type=float, help="seconds of silence before a stream gets a ping event (default 15)"
+        "--ping-interval",
+        type=float,
+        help="seconds of silence before a stream gets a ping event (default 15)",
     )
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)"
@@ -74,14 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     complete = commands.add_parser(
         "complete", help="stream a completion from a running server", description=_COMPLETE_HELP
     )
-    complete.add_argument("prompt", help="a question (wrapped in Human/Assistant turns) or a whole transcript")
+    complete.add_argument(
+        "prompt", help="a question (wrapped in Human/Assistant turns) or a whole transcript"
+    )
     complete.add_argument("--model", default="claude-sonnet-4-5", help="model id (default claude-sonnet-4-5)")
     complete.add_argument("--max-tokens", type=int, default=256, help="max_tokens_to_sample (default 256)")
     complete.add_argument("--temperature", type=float, help="0 (greedy) to 1 (default: the server's, 1)")
     complete.add_argument("--top-p", type=float, help="nucleus sampling, 0 to 1")
     complete.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     complete.add_argument("--stop", action="append", help="a stop sequence; repeat for several")
-    complete.add_argument("--raw", action="store_true", help="send the prompt as is, without Human/Assistant turns")
+    complete.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without Human/Assistant turns"
+    )
     _client_flags(complete)
     complete.set_defaults(run=_complete)
     return parser
@@ -120,8 +128,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as error:
         first = error.errors()[0]
         raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    if settings.model_path is not None and not settings.model_path.is_file():
-        raise ConfigError(f"--model-path: no such file: {settings.model_path}")
     logs.setup(settings.log_level)
     app = create_app(settings, load_models(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
@@ -136,7 +142,9 @@ def _client(args: argparse.Namespace) -> httpx.Client:
     headers = {"anthropic-version": "2023-06-01"}
     if args.api_key:
         headers["x-api-key"] = args.api_key
-    return httpx.Client(base_url=args.base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600, connect=5))
+    return httpx.Client(
+        base_url=args.base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600, connect=5)
+    )
 
 
 def _models(args: argparse.Namespace) -> int:

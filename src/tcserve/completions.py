@@ -4,7 +4,7 @@ engine and the wire, so that every engine gets the same stop semantics.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +44,7 @@ async def check_context(engine: Engine, request: GenerationRequest) -> int:
     return prompt_tokens
 
 
-async def complete(engine: Engine, request: GenerationRequest) -> AsyncIterator[CompletionEvent]:
+async def complete(engine: Engine, request: GenerationRequest) -> AsyncGenerator[CompletionEvent, None]:
     """Run the request to its end: `Chunk`s, then exactly one `Done`.
 
     Closing this iterator early closes the engine's stream, which stops the

@@ -30,11 +30,15 @@ class _ModelBase(BaseModel):
     name: str = Field(min_length=1, description="The id clients send as `model`.")
     display_name: str | None = Field(None, description="Shown by GET /v1/models; defaults to the name.")
     aliases: tuple[str, ...] = Field((), description="Other ids that reach this model.")
-    context_size: int = Field(DEFAULT_CONTEXT_SIZE, ge=16, description="Tokens of context (prompt + completion).")
+    context_size: int = Field(
+        DEFAULT_CONTEXT_SIZE, ge=16, description="Tokens of context (prompt + completion)."
+    )
     check_transcript: bool = Field(
         True, description="Enforce the Human/Assistant prompt rules; false for raw completion on base models."
     )
-    created_at: datetime | None = Field(None, description="Listed by /v1/models; defaults to the file's date.")
+    created_at: datetime | None = Field(
+        None, description="Listed by /v1/models; defaults to the file's date."
+    )
 
 
 class LlamaCppModel(_ModelBase):
@@ -61,6 +65,13 @@ ModelConfig = Annotated[LlamaCppModel | FakeModel, Field(discriminator="engine")
 class _ModelTable(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _engine_defaults_to_llamacpp(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"engine": "llamacpp", **m} if isinstance(m, dict) else m for m in value]
+        return value
 
 
 class Settings(BaseSettings):
@@ -91,7 +102,9 @@ class Settings(BaseSettings):
 def load_models(settings: Settings) -> list[LlamaCppModel | FakeModel]:
     """The model table: the config file's, or the embedded default; flags then apply
     to the first (default) model."""
-    models = _read_table(settings.config) if settings.config else [LlamaCppModel(name=DEFAULT_MODEL_NAME)]
+    models: list[LlamaCppModel | FakeModel] = (
+        _read_table(settings.config) if settings.config else [LlamaCppModel(name=DEFAULT_MODEL_NAME)]
+    )
     first = models[0]
     overrides: dict[str, object] = {}
     if settings.ctx_size is not None:
@@ -105,6 +118,7 @@ def load_models(settings: Settings) -> list[LlamaCppModel | FakeModel]:
         raise ConfigError("--model-path applies to a llama.cpp model, but the first model is not one")
     models[0] = first.model_copy(update=overrides)
     _check_unique_ids(models)
+    _check_files(models)
     return models
 
 
@@ -137,6 +151,12 @@ def _check_unique_ids(models: list[LlamaCppModel | FakeModel]) -> None:
             if model_id in seen:
                 raise ConfigError(f"model id {model_id!r} is declared twice in the model table")
             seen.add(model_id)
+
+
+def _check_files(models: list[LlamaCppModel | FakeModel]) -> None:
+    for model in models:
+        if isinstance(model, LlamaCppModel) and model.path is not None and not model.path.is_file():
+            raise ConfigError(f"model {model.name!r}: no such GGUF file: {model.path}")
 
 
 def default_threads() -> int:

@@ -7,6 +7,7 @@
     ├── ModelNotFound         no model answers to that id
     ├── Overloaded            no room now; try again after `retry_after` seconds
     ├── EngineNotReady        the model is still loading
+    ├── ModelUnavailable      the model failed to load and will not serve
     └── EngineFailure         the engine broke; the detail is for the log only
 
 `tcserve.api.errors` maps each of them to a status and an Anthropic error body
@@ -55,6 +56,11 @@ class EngineNotReady(TCServeError):
     def __init__(self, message: str = "The model is still loading", retry_after: float = 2.0) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class ModelUnavailable(TCServeError):
+    def __init__(self, model_name: str) -> None:
+        super().__init__(f"model {model_name} failed to load; see the server log")
 
 
 class EngineFailure(TCServeError):

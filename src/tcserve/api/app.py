@@ -54,9 +54,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = {model.name: engine_factory(model) for model in served}
-        app.state.tcserve = ServerState(settings, catalog, engines)
+        state = ServerState(settings, catalog, engines)
+        app.state.tcserve = state
         _warn_if_open(settings)
-        loading = [asyncio.create_task(_load(name, engine)) for name, engine in engines.items()]
+        loading = [asyncio.create_task(_load(state, name)) for name in engines]
         try:
             yield
         finally:
@@ -82,22 +83,24 @@ def create_app(
     return app
 
 
-async def _load(name: str, engine: Engine) -> None:
+async def _load(state: ServerState, name: str) -> None:
     log.info("loading model %s", name)
     try:
-        await engine.start()
-    except Exception:
-        log.exception("model %s failed to load; /health stays 503", name)
-        raise
+        await state.engines[name].start()
+    except Exception as error:
+        state.load_failures[name] = str(error)
+        log.error("model %s failed to load: %s (requests for it get 500; /health says 503)", name, error)
+        return
     log.info("model %s is ready", name)
 
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.tcserve
-    status = {name: ("ready" if engine.ready else "loading") for name, engine in state.engines.items()}
+    status = state.model_status()
     if state.ready:
         return JSONResponse({"status": "ok", "models": status})
-    body = error_body(InternalServerError("The model is still loading"), request_id_of(request.scope))
+    problem = "A model failed to load" if state.load_failures else "The model is still loading"
+    body = error_body(InternalServerError(problem), request_id_of(request.scope))
     return JSONResponse({**body, "models": status}, status_code=503, headers={"retry-after": "1"})
 
 

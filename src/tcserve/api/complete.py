@@ -27,7 +27,6 @@ from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import server_state
 from tcserve.completions import CompletionEvent, Done, check_context, complete
 from tcserve.config import FakeModel, LlamaCppModel
-from tcserve.errors import EngineNotReady
 from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
 
@@ -57,11 +56,9 @@ async def create_completion(request: Request) -> Response:
     request_id = request_id_of(request.scope)
     wire = parse_completion_request(await request.body())
     model = state.catalog.resolve(wire.model).served_by
-    engine = state.engines[model.name]
     generation = to_generation_request(wire, model, request_id)
+    engine = state.ready_engine(model.name)
     await check_context(engine, generation)
-    if not engine.ready:
-        raise EngineNotReady()
     events = complete(engine, generation)
     completion_id = new_id("compl")
     if wire.stream:

@@ -21,7 +21,9 @@ def build_engine(model: LlamaCppModel | FakeModel) -> Engine:
         )
     from tcserve.engines.llamacpp import LlamaCppEngine  # imports llama.cpp only when needed
 
-    return LlamaCppEngine(model.path, context_size=model.context_size, threads=model.threads or default_threads())
+    return LlamaCppEngine(
+        model.path, context_size=model.context_size, threads=model.threads or default_threads()
+    )
 
 
 def model_file_date(model: LlamaCppModel | FakeModel) -> datetime | None:

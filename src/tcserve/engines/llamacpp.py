@@ -74,6 +74,11 @@ class LlamaCppEngine:
     def ready(self) -> bool:
         return self._loaded is not None
 
+    @property
+    def busy(self) -> bool:
+        """A generation holds the context (tests read this to prove cancellation)."""
+        return self._turn.locked()
+
     async def start(self) -> None:
         loaded = await asyncio.get_running_loop().run_in_executor(self._worker, self._load)
         self._loaded = loaded
@@ -201,7 +206,7 @@ def _sampler_chain(params: SamplingParams) -> llama.llama_sampler_p:
     llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))
     seed = params.seed if params.seed is not None else llama.LLAMA_DEFAULT_SEED
     llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
-    return chain
+    return chain  # type: ignore[no-any-return]
 
 
 def _run(

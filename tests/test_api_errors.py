@@ -1,0 +1,242 @@
+"""Every error path of the HTTP edge, on the fake engine: status, error.type, message, request-id."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from support import PROMPT, VERSION, fake_model, serve_app, settings
+from tcserve.api.app import create_app
+
+KEY = "sk-test-secret-key"
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    app = create_app(settings(max_body_bytes=4096), [fake_model()])
+    with serve_app(app) as url, httpx.Client(base_url=url, headers=VERSION) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[httpx.Client]:
+    app = create_app(settings(api_keys=(KEY, "sk-second")), [fake_model()])
+    with serve_app(app) as url, httpx.Client(base_url=url) as client:
+        yield client
+
+
+def body(**overrides: object) -> dict[str, object]:
+    return {"model": "fake", "prompt": PROMPT, "max_tokens_to_sample": 8, **overrides}
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str, message: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    payload = response.json()
+    assert payload["type"] == "error"
+    assert payload["error"]["type"] == error_type
+    if message is not None:
+        assert payload["error"]["message"] == message
+    assert payload["request_id"].startswith("req_01")
+    assert response.headers["request-id"] == payload["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"prompt": PROMPT, "max_tokens_to_sample": 8}, "model: Field required"),
+        ({"model": "fake", "max_tokens_to_sample": 8}, "prompt: Field required"),
+        ({"model": "fake", "prompt": PROMPT}, "max_tokens_to_sample: Field required"),
+        (body(max_tokens_to_sample=5.0), "max_tokens_to_sample: Input should be a valid integer"),
+        (body(max_tokens_to_sample="5"), "max_tokens_to_sample: Input should be a valid integer"),
+        (body(max_tokens_to_sample=0), "max_tokens_to_sample: Input should be greater than or equal to 1"),
+        (body(prompt=""), "prompt: String should have at least 1 character"),
+        (body(prompt=7), "prompt: Input should be a valid string"),
+        (body(temperature=1.5), "temperature: Input should be less than or equal to 1"),
+        (body(temperature=-0.1), "temperature: Input should be greater than or equal to 0"),
+        (body(temperature="hot"), "temperature: Input should be a valid number"),
+        (body(top_p=2), "top_p: Input should be less than or equal to 1"),
+        (body(top_k=-1), "top_k: Input should be greater than or equal to 0"),
+        (body(top_k=1.5), "top_k: Input should be a valid integer"),
+        (body(stream="yes"), "stream: Input should be a valid boolean"),
+        (body(stop_sequences="\n"), "stop_sequences: Input should be a valid list"),
+        (body(stop_sequences=[1]), "stop_sequences.0: Input should be a valid string"),
+        (body(stop_sequences=[""]), "stop_sequences: a stop sequence must not be empty"),
+        (
+            body(metadata={"user_id": "x" * 513}),
+            "metadata.user_id: String should have at most 512 characters",
+        ),
+        (body(metadata={"other": 1}), "metadata.other: Extra inputs are not permitted"),
+        (body(frequency_penalty=1), "frequency_penalty: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_fields_name_the_field(client: httpx.Client, payload: dict[str, object], message: str) -> None:
+    assert_error(client.post("/v1/complete", json=payload), 400, "invalid_request_error", message)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not json", "The request body is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+        (b"", "The request body is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+        (b'{"model": "fake",', None),
+        (b"[1, 2]", "The request body must be a JSON object"),
+        (b'"text"', "The request body must be a JSON object"),
+        (b'{"model":"fake","prompt":"x","max_tokens_to_sample":1,"temperature":NaN}', None),
+        (b"\xff\xfe", None),
+    ],
+)
+def test_bodies_that_are_not_a_json_object(client: httpx.Client, content: bytes, message: str | None) -> None:
+    response = client.post("/v1/complete", content=content, headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_request_error", message)
+    assert response.json()["error"]["message"].startswith("The request body ")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("Hello, world", 'prompt must start with "\n\nHuman:" turn after an optional system prompt'),
+        (
+            "Hello, world\n\nAssistant:",
+            'prompt must start with "\n\nHuman:" turn after an optional system prompt',
+        ),
+        ("\n\nHuman: Hello", 'prompt must end with "\n\nAssistant:" turn'),
+        (
+            "\n\nAssistant: Hi\n\nHuman: Hello",
+            'prompt must start with "\n\nHuman:" turn after an optional system prompt',
+        ),
+    ],
+)
+def test_prompt_rules(client: httpx.Client, prompt: str, message: str) -> None:
+    assert_error(client.post("/v1/complete", json=body(prompt=prompt)), 400, "invalid_request_error", message)
+
+
+def test_context_overflow_gives_both_numbers(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json=body(max_tokens_to_sample=8190))
+    # The fake engine counts one token per character plus BOS.
+    prompt_tokens = len(PROMPT) + 1
+    expected = f"prompt is too long: {prompt_tokens} tokens + 8190 max_tokens_to_sample > 8192 context"
+    assert_error(response, 400, "invalid_request_error", expected)
+
+
+def test_unknown_model_is_404_with_the_id(client: httpx.Client) -> None:
+    assert_error(
+        client.post("/v1/complete", json=body(model="claude-x")), 404, "not_found_error", "model: claude-x"
+    )
+
+
+def test_version_header_is_required(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json=body(), headers={"anthropic-version": ""})
+    assert_error(response, 400, "invalid_request_error")
+    response = httpx.post(f"{client.base_url}/v1/complete", json=body())
+    assert_error(response, 400, "invalid_request_error", "anthropic-version: header is required")
+
+
+def test_unknown_version_is_rejected(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json=body(), headers={"anthropic-version": "1999-01-01"})
+    assert_error(
+        response, 400, "invalid_request_error", 'anthropic-version: "1999-01-01" is not a valid version'
+    )
+
+
+@pytest.mark.parametrize("version", ["2023-06-01", "2023-01-01", "2026-10-21"])
+def test_known_versions_are_accepted(client: httpx.Client, version: str) -> None:
+    response = client.post("/v1/complete", json=body(), headers={"anthropic-version": version})
+    assert response.status_code == 200
+
+
+def test_version_is_checked_before_the_body(client: httpx.Client) -> None:
+    response = httpx.post(f"{client.base_url}/v1/complete", content=b"not json")
+    assert_error(response, 400, "invalid_request_error", "anthropic-version: header is required")
+
+
+def test_body_is_checked_before_the_model(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json={"model": "claude-x", "prompt": PROMPT})
+    assert_error(response, 400, "invalid_request_error", "max_tokens_to_sample: Field required")
+
+
+def test_model_is_checked_before_the_prompt(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json=body(model="claude-x", prompt="Hello"))
+    assert_error(response, 404, "not_found_error")
+
+
+@pytest.mark.parametrize("path", ["/", "/v1", "/v1/completions", "/v1/messages", "/docs/../etc"])
+def test_unknown_paths_are_404_json(client: httpx.Client, path: str) -> None:
+    assert_error(client.get(path), 404, "not_found_error")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/complete"), ("PUT", "/v1/complete"), ("POST", "/v1/models")]
+)
+def test_wrong_method_is_405_invalid_request(client: httpx.Client, method: str, path: str) -> None:
+    assert_error(client.request(method, path), 405, "invalid_request_error")
+
+
+def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json=body(prompt=PROMPT + "x" * 5000))
+    assert_error(response, 413, "request_too_large")
+
+
+def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = client.post("/v1/complete", content=chunks())
+    assert_error(response, 413, "request_too_large")
+
+
+def test_body_under_the_limit_passes(client: httpx.Client) -> None:
+    # About 2 KiB, under the 4 KiB limit (the " x x ..." is a prefill the model continues).
+    assert client.post("/v1/complete", json=body(prompt=PROMPT + " x" * 1000)).status_code == 200
+
+
+def test_missing_key_is_401(keyed: httpx.Client) -> None:
+    response = keyed.post("/v1/complete", json=body(), headers=VERSION)
+    assert_error(response, 401, "authentication_error", "x-api-key header is required")
+
+
+def test_wrong_key_is_401(keyed: httpx.Client) -> None:
+    response = keyed.post("/v1/complete", json=body(), headers={**VERSION, "x-api-key": "sk-wrong"})
+    assert_error(response, 401, "authentication_error", "invalid x-api-key")
+
+
+@pytest.mark.parametrize(
+    "headers", [{"x-api-key": KEY}, {"x-api-key": "sk-second"}, {"authorization": f"Bearer {KEY}"}]
+)
+def test_right_key_passes(keyed: httpx.Client, headers: dict[str, str]) -> None:
+    assert keyed.post("/v1/complete", json=body(), headers={**VERSION, **headers}).status_code == 200
+
+
+def test_auth_comes_before_everything_else(keyed: httpx.Client) -> None:
+    # No version header, a broken body, an unknown path: still 401 first.
+    assert_error(keyed.post("/v1/complete", content=b"{"), 401, "authentication_error")
+    assert_error(keyed.get("/no/such/path"), 401, "authentication_error")
+    assert_error(keyed.get("/v1/models", headers=VERSION), 401, "authentication_error")
+
+
+def test_health_needs_no_key(keyed: httpx.Client) -> None:
+    assert keyed.get("/health").status_code == 200
+
+
+def test_request_id_on_success_too(client: httpx.Client) -> None:
+    response = client.post("/v1/complete", json=body())
+    assert response.headers["request-id"].startswith("req_01")
+    assert json.loads(response.text)["id"].startswith("compl_01")
+
+
+@pytest.mark.parametrize(("host", "warns"), [("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)])
+def test_open_server_warns_only_off_loopback(caplog: pytest.LogCaptureFixture, host: str, warns: bool) -> None:
+    with caplog.at_level("WARNING", logger="tcserve"), serve_app(create_app(settings(host=host), [fake_model()])):
+        pass
+    assert any("no API key is set" in record.getMessage() for record in caplog.records) == warns
+
+
+def test_keyed_server_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(settings(host="0.0.0.0", api_keys=(KEY,)), [fake_model()])
+    with caplog.at_level("WARNING", logger="tcserve"), serve_app(app):
+        pass
+    assert not [r for r in caplog.records if "no API key" in r.getMessage()]

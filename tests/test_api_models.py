@@ -1,0 +1,150 @@
+"""GET /v1/models and /v1/models/{id}: the seed ids, order, paging, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import httpx
+import pytest
+
+from support import VERSION, fake_model, serve_app, settings
+from tcserve.api.app import create_app
+from tcserve.catalog import SEED_MODELS
+
+SEED_IDS = [
+    "claude-opus-4-6",
+    "claude-opus-4-5-20251101",
+    "claude-opus-4-5",
+    "claude-3-7-sonnet-latest",
+    "claude-3-7-sonnet-20250219",
+    "claude-3-5-haiku-latest",
+    "claude-3-5-haiku-20241022",
+    "claude-haiku-4-5",
+    "claude-haiku-4-5-20251001",
+    "claude-sonnet-4-20250514",
+    "claude-sonnet-4-0",
+    "claude-4-sonnet-20250514",
+    "claude-sonnet-4-5",
+    "claude-sonnet-4-5-20250929",
+    "claude-opus-4-0",
+    "claude-opus-4-20250514",
+    "claude-4-opus-20250514",
+    "claude-opus-4-1-20250805",
+    "claude-3-opus-latest",
+    "claude-3-opus-20240229",
+    "claude-3-haiku-20240307",
+]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    local = fake_model(created_at="2020-01-01T00:00:00Z", display_name="Local fake", aliases=["fake-alias"])
+    app = create_app(settings(), [local])
+    with serve_app(app) as url, httpx.Client(base_url=url, headers=VERSION) as client:
+        yield client
+
+
+def all_ids(client: httpx.Client) -> list[str]:
+    return [m["id"] for m in client.get("/v1/models", params={"limit": 1000}).json()["data"]]
+
+
+def test_every_seed_id_is_listed_and_served(client: httpx.Client) -> None:
+    assert len(SEED_IDS) == 21 and set(SEED_IDS) == set(SEED_MODELS)
+    assert set(SEED_IDS) <= set(all_ids(client))
+    for model_id in SEED_IDS:
+        prompt = "\n\nHuman: hi\n\nAssistant:"
+        response = client.post(
+            "/v1/complete", json={"model": model_id, "prompt": prompt, "max_tokens_to_sample": 1}
+        )
+        assert response.status_code == 200 and response.json()["model"] == model_id
+
+
+def test_newest_first_ties_by_id(client: httpx.Client) -> None:
+    data = client.get("/v1/models", params={"limit": 1000}).json()["data"]
+    keys = [(-datetime.fromisoformat(m["created_at"]).timestamp(), m["id"]) for m in data]
+    assert keys == sorted(keys)
+    assert data[0]["id"] == "claude-opus-4-6"
+    assert {m["id"] for m in data if m["created_at"].startswith("2025-05-14")} == {
+        "claude-sonnet-4-20250514", "claude-sonnet-4-0", "claude-4-sonnet-20250514",
+        "claude-opus-4-0", "claude-opus-4-20250514", "claude-4-opus-20250514",
+    }  # fmt: skip
+    assert data[-2:] == [
+        {"type": "model", "id": "fake", "display_name": "Local fake", "created_at": "2020-01-01T00:00:00Z"},
+        {
+            "type": "model",
+            "id": "fake-alias",
+            "display_name": "Local fake",
+            "created_at": "2020-01-01T00:00:00Z",
+        },
+    ]
+
+
+def test_default_page_and_has_more(client: httpx.Client) -> None:
+    page = client.get("/v1/models").json()
+    assert len(page["data"]) == 20 and page["has_more"] is True
+    assert page["first_id"] == page["data"][0]["id"] and page["last_id"] == page["data"][-1]["id"]
+
+
+def test_paging_forward_and_back_covers_everything_once(client: httpx.Client) -> None:
+    everything = all_ids(client)
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        params = {"limit": 5, **({"after_id": after} if after else {})}
+        page = client.get("/v1/models", params=params).json()
+        seen += [m["id"] for m in page["data"]]
+        after = page["last_id"]
+        if not page["has_more"]:
+            break
+    assert seen == everything
+    back = client.get("/v1/models", params={"limit": 3, "before_id": everything[5]}).json()
+    assert [m["id"] for m in back["data"]] == everything[2:5] and back["has_more"] is True
+    first = client.get("/v1/models", params={"limit": 10, "before_id": everything[2]}).json()
+    assert [m["id"] for m in first["data"]] == everything[:2] and first["has_more"] is False
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 1001}, {"limit": "many"}, {"after_id": "nope"}, {"before_id": "nope"}],
+)
+def test_bad_paging_is_400(client: httpx.Client, params: dict[str, object]) -> None:
+    response = client.get("/v1/models", params=params)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert next(iter(params)) in response.json()["error"]["message"]
+
+
+def test_get_one_model(client: httpx.Client) -> None:
+    response = client.get("/v1/models/claude-haiku-4-5")
+    assert response.json() == {
+        "type": "model", "id": "claude-haiku-4-5", "display_name": "Claude Haiku 4.5",
+        "created_at": "2025-10-01T00:00:00Z",
+    }  # fmt: skip
+
+
+def test_get_unknown_model_is_404(client: httpx.Client) -> None:
+    response = client.get("/v1/models/claude-x")
+    assert response.status_code == 404
+    assert response.json()["error"] == {"type": "not_found_error", "message": "model: claude-x"}
+
+
+def test_models_need_the_version_header(client: httpx.Client) -> None:
+    response = httpx.get(f"{client.base_url}/v1/models")
+    assert response.status_code == 400
+
+
+def test_a_configured_model_can_claim_a_seed_id() -> None:
+    claimed = fake_model(name="mine", aliases=["claude-haiku-4-5"], reply=" mine")
+    other = fake_model(name="other", reply=" other")
+    app = create_app(settings(), [other, claimed])
+    with serve_app(app) as url:
+        post = {"prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 5}
+        claimed_reply = httpx.post(
+            f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-haiku-4-5"}
+        )
+        default_reply = httpx.post(
+            f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-opus-4-6"}
+        )
+    assert claimed_reply.json()["completion"] == " mine"
+    assert default_reply.json()["completion"] == " other"  # unclaimed seed ids go to the first model
