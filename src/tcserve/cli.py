@@ -128,8 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as error:
         first = error.errors()[0]
         raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    models = load_models(settings)  # config mistakes end here, before logging is set up
     logs.setup(settings.log_level)
-    app = create_app(settings, load_models(settings))
+    app = create_app(settings, models)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 
