@@ -159,9 +159,7 @@ def test_loading_model_health_503_then_complete_529() -> None:
 def test_client_disconnect_stops_the_engine() -> None:
     with server(fake_model(reply=" tick" * 1000, token_delay=0.01)) as (client, engines):
         engine = engines["fake"]
-        with client.stream(
-            "POST", "/v1/complete", json=body(stream=True, max_tokens_to_sample=1000)
-        ) as response:
+        with client.stream("POST", "/v1/complete", json=body(stream=True, max_tokens_to_sample=1000)) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("event: completion")
             assert engine.active == 1  # type: ignore[attr-defined]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from support import PROMPT, VERSION, fake_model, serve_app, settings
 from tcserve.api.app import create_app
+from tcserve.config import LlamaCppModel
 
 KEY = "sk-test-secret-key"
 
@@ -123,9 +125,7 @@ def test_context_overflow_gives_both_numbers(client: httpx.Client) -> None:
 
 
 def test_unknown_model_is_404_with_the_id(client: httpx.Client) -> None:
-    assert_error(
-        client.post("/v1/complete", json=body(model="claude-x")), 404, "not_found_error", "model: claude-x"
-    )
+    assert_error(client.post("/v1/complete", json=body(model="claude-x")), 404, "not_found_error", "model: claude-x")
 
 
 def test_version_header_is_required(client: httpx.Client) -> None:
@@ -137,9 +137,7 @@ def test_version_header_is_required(client: httpx.Client) -> None:
 
 def test_unknown_version_is_rejected(client: httpx.Client) -> None:
     response = client.post("/v1/complete", json=body(), headers={"anthropic-version": "1999-01-01"})
-    assert_error(
-        response, 400, "invalid_request_error", 'anthropic-version: "1999-01-01" is not a valid version'
-    )
+    assert_error(response, 400, "invalid_request_error", 'anthropic-version: "1999-01-01" is not a valid version')
 
 
 @pytest.mark.parametrize("version", ["2023-06-01", "2023-01-01", "2026-10-21"])
@@ -168,9 +166,7 @@ def test_unknown_paths_are_404_json(client: httpx.Client, path: str) -> None:
     assert_error(client.get(path), 404, "not_found_error")
 
 
-@pytest.mark.parametrize(
-    ("method", "path"), [("GET", "/v1/complete"), ("PUT", "/v1/complete"), ("POST", "/v1/models")]
-)
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/complete"), ("PUT", "/v1/complete"), ("POST", "/v1/models")])
 def test_wrong_method_is_405_invalid_request(client: httpx.Client, method: str, path: str) -> None:
     assert_error(client.request(method, path), 405, "invalid_request_error")
 
@@ -240,3 +236,20 @@ def test_keyed_server_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="tcserve"), serve_app(app):
         pass
     assert not [r for r in caplog.records if "no API key" in r.getMessage()]
+
+
+def test_a_model_that_fails_to_load_is_a_500_not_a_hang(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a model")
+    app = create_app(settings(), [LlamaCppModel(name="broken", path=bogus)])
+    with serve_app(app, wait_ready=False) as url:
+        for _ in range(500):
+            health = httpx.get(f"{url}/health")
+            if health.json().get("models") == {"broken": "failed"}:
+                break
+        assert health.status_code == 503 and health.json()["models"] == {"broken": "failed"}
+        body = {"model": "broken", "prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 5}
+        response = httpx.post(f"{url}/v1/complete", headers=VERSION, json=body)
+    assert response.status_code == 500
+    message = "model broken failed to load; see the server log"
+    assert response.json()["error"] == {"type": "api_error", "message": message}

@@ -54,9 +54,7 @@ def test_every_seed_id_is_listed_and_served(client: httpx.Client) -> None:
     assert set(SEED_IDS) <= set(all_ids(client))
     for model_id in SEED_IDS:
         prompt = "\n\nHuman: hi\n\nAssistant:"
-        response = client.post(
-            "/v1/complete", json={"model": model_id, "prompt": prompt, "max_tokens_to_sample": 1}
-        )
+        response = client.post("/v1/complete", json={"model": model_id, "prompt": prompt, "max_tokens_to_sample": 1})
         assert response.status_code == 200 and response.json()["model"] == model_id
 
 
@@ -140,11 +138,7 @@ def test_a_configured_model_can_claim_a_seed_id() -> None:
     app = create_app(settings(), [other, claimed])
     with serve_app(app) as url:
         post = {"prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 5}
-        claimed_reply = httpx.post(
-            f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-haiku-4-5"}
-        )
-        default_reply = httpx.post(
-            f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-opus-4-6"}
-        )
+        claimed_reply = httpx.post(f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-haiku-4-5"})
+        default_reply = httpx.post(f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-opus-4-6"})
     assert claimed_reply.json()["completion"] == " mine"
     assert default_reply.json()["completion"] == " other"  # unclaimed seed ids go to the first model

@@ -101,8 +101,8 @@ def test_serve_process_logs_request_ids_and_never_keys(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process)
-        ok = httpx.post(f"{url}/v1/complete", headers={**VERSION, "x-api-key": KEY},
-                        json={"model": "fake", "prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 3})  # fmt: skip
+        body = {"model": "fake", "prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 3}
+        ok = httpx.post(f"{url}/v1/complete", headers={**VERSION, "x-api-key": KEY}, json=body)
         denied = httpx.get(f"{url}/v1/models", headers={**VERSION, "authorization": f"Bearer {WRONG_KEY}"})
     finally:
         process.send_signal(signal.SIGINT)

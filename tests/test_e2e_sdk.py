@@ -11,8 +11,11 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -27,6 +30,8 @@ pytestmark = pytest.mark.model
 KEY = "sk-e2e-test-key"
 PROMPT = f"{anthropic.HUMAN_PROMPT} What is the capital of France?{anthropic.AI_PROMPT}"
 NODE_DIR = Path(__file__).parent / "node"
+COUNTING = f"{anthropic.HUMAN_PROMPT} List the numbers from 1 to 1000, one per line.{anthropic.AI_PROMPT} 1\n2\n3\n"
+"""A prefill that greedy Gemma continues for hundreds of tokens without a new Human turn."""
 
 
 @pytest.fixture(scope="module")
@@ -137,25 +142,30 @@ def test_bad_request_and_auth_errors(client: anthropic.Anthropic, base_url: str)
 
 
 def test_health_answers_while_a_long_completion_runs(client: anthropic.Anthropic, base_url: str) -> None:
-    started = threading.Event()
-    outcome: list[str] = []
+    streaming = threading.Event()
+    checked = threading.Event()
+    received: list[str] = []
 
     def long_completion() -> None:
-        stream = greedy(client, prompt=f"{anthropic.HUMAN_PROMPT} Count to 500.{anthropic.AI_PROMPT}",
-                        max_tokens_to_sample=400, stop_sequences=["@@@"], stream=True)  # fmt: skip
-        for event in stream:
-            started.set()
-            if event.stop_reason:
-                outcome.append(event.stop_reason)
+        stream = greedy(client, prompt=COUNTING, max_tokens_to_sample=400, stream=True)
+        with stream:
+            for event in stream:
+                received.append(event.completion)
+                streaming.set()
+                if checked.wait(0):
+                    break  # the generation is still going: hang up
 
     worker = threading.Thread(target=long_completion)
     worker.start()
-    assert started.wait(60)
-    health = httpx.get(f"{base_url}/health", timeout=5)  # would time out if llama.cpp held the loop
-    running_while_answered = worker.is_alive()
-    worker.join(120)
+    try:
+        assert streaming.wait(120)
+        health = httpx.get(f"{base_url}/health", timeout=10)  # would time out if llama.cpp held the loop
+        generation_still_running = worker.is_alive()
+    finally:
+        checked.set()
+        worker.join(120)
     assert health.status_code == 200
-    assert running_while_answered and outcome
+    assert generation_still_running and received
 
 
 @pytest.mark.node
@@ -179,3 +189,63 @@ def test_typescript_sdk(base_url: str) -> None:
         "is_not_found_error": True,
     }
     assert result["not_found"]["request_id"].startswith("req_01")
+
+
+@pytest.fixture(scope="module")
+def one_slot() -> Iterator[tuple[str, Any]]:
+    """One sequence slot and a queue of one, to make waiting and overload easy to reach."""
+    model = LlamaCppModel(name="gemma-3-270m", context_size=1024, parallel=1, max_queue=1)
+    app = create_app(settings(ping_interval=0.05), [model])
+    with serve_app(app) as url:
+        yield url, app.state.tcserve.engines["gemma-3-270m"]
+
+
+def _stream(stack: ExitStack, url: str, **overrides: object) -> Iterator[str]:
+    body = {"model": "claude-opus-4-6", "prompt": PROMPT, "max_tokens_to_sample": 5, "stream": True, **overrides}
+    response = stack.enter_context(
+        httpx.stream("POST", f"{url}/v1/complete", headers={"anthropic-version": "2023-06-01"}, json=body)
+    )
+    return response.iter_lines()
+
+
+def _hold(stack: ExitStack, url: str) -> None:
+    """A long streaming request that holds the slot until `stack` closes."""
+    lines = _stream(stack, url, prompt=COUNTING, max_tokens_to_sample=900)
+    while not next(lines).startswith("event: completion"):
+        pass  # pings while the prompt is processed
+    stack.callback(lines.close)
+
+
+def _idle(engine: Any) -> None:
+    for _ in range(1000):
+        if engine.stats().running == 0 and engine.stats().waiting == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+def test_overload_is_an_sdk_overloaded_error_with_retry_after(one_slot: tuple[str, Any]) -> None:
+    url, engine = one_slot
+    with ExitStack() as outer:
+        with ExitStack() as holder:
+            _hold(holder, url)
+            waiting = _stream(outer, url)  # takes the one place in the queue
+            assert next(waiting) == "event: ping"
+            client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+            with pytest.raises(anthropic.OverloadedError) as caught:
+                greedy(client)
+            assert caught.value.response.headers["retry-after"] == "1"
+        # The slot is free: the queued stream, which only got pings so far, now completes.
+        names = [line[7:] for line in waiting if line.startswith("event: ")]
+        assert "completion" not in names[: names.index("completion")]
+        assert names[-1] == "completion"
+    _idle(engine)
+
+
+def test_a_client_that_hangs_up_frees_its_slot(one_slot: tuple[str, Any]) -> None:
+    url, engine = one_slot
+    with ExitStack() as holder:
+        _hold(holder, url)
+        assert engine.stats().running == 1
+    _idle(engine)
+    assert greedy(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)).completion

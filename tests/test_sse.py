@@ -16,9 +16,7 @@ def test_encoder_matches_the_golden_stream() -> None:
         sse.encode("completion", completion_body("compl_01X", "claude-2.1", " Hello", None, None)),
         sse.PING,
         sse.encode("completion", completion_body("compl_01X", "claude-2.1", " wörld\n", None, None)),
-        sse.encode(
-            "completion", completion_body("compl_01X", "claude-2.1", "", "stop_sequence", "\n\nHuman:")
-        ),
+        sse.encode("completion", completion_body("compl_01X", "claude-2.1", "", "stop_sequence", "\n\nHuman:")),
     ]
     assert b"".join(frames) == GOLDEN.read_bytes()
 

@@ -61,9 +61,7 @@ class Catalog:
         self.entries.sort(key=lambda e: e.created_at, reverse=True)
 
     @classmethod
-    def build(
-        cls, models: Sequence[ServedModel], created: dict[str, datetime], *, seed_ids: bool = True
-    ) -> Catalog:
+    def build(cls, models: Sequence[ServedModel], created: dict[str, datetime], *, seed_ids: bool = True) -> Catalog:
         """`created` gives each configured model's fallback date (its file's date)."""
         entries: list[ModelEntry] = []
         for model in models:

@@ -14,7 +14,14 @@ import httpx
 from pydantic import ValidationError
 
 from tcserve import __version__, logs, prompt
-from tcserve.config import DEFAULT_CONTEXT_SIZE, ConfigError, Settings, load_models
+from tcserve.config import (
+    DEFAULT_CONTEXT_SIZE,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PARALLEL,
+    ConfigError,
+    Settings,
+    load_models,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
@@ -57,9 +64,33 @@ def _parser() -> argparse.ArgumentParser:
         help="GGUF file to serve as the default model (default: packaged Gemma 3 270M)",
     )
     serve.add_argument(
-        "--ctx-size", type=int, help=f"context tokens of the default model (default {DEFAULT_CONTEXT_SIZE})"
+        "--ctx-size",
+        type=int,
+        help=f"context tokens of each request, prompt + completion (default {DEFAULT_CONTEXT_SIZE})",
     )
     serve.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: every core)")
+    serve.add_argument(
+        "--parallel",
+        type=int,
+        help=f"sequences decoded together in one batch; each gets --ctx-size tokens (default {DEFAULT_PARALLEL})",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        help=f"requests that may wait for a free sequence; beyond that, 529 (default {DEFAULT_MAX_QUEUE})",
+    )
+    serve.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_const",
+        const=False,
+        help="do not reuse the cache of a shared prompt prefix (for benchmarks)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        help="on SIGTERM/Ctrl-C, seconds running requests may finish before they are ended (default 30)",
+    )
     serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 32 MiB)")
     serve.add_argument(
         "--ping-interval",
@@ -78,18 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     complete = commands.add_parser(
         "complete", help="stream a completion from a running server", description=_COMPLETE_HELP
     )
-    complete.add_argument(
-        "prompt", help="a question (wrapped in Human/Assistant turns) or a whole transcript"
-    )
+    complete.add_argument("prompt", help="a question (wrapped in Human/Assistant turns) or a whole transcript")
     complete.add_argument("--model", default="claude-sonnet-4-5", help="model id (default claude-sonnet-4-5)")
     complete.add_argument("--max-tokens", type=int, default=256, help="max_tokens_to_sample (default 256)")
     complete.add_argument("--temperature", type=float, help="0 (greedy) to 1 (default: the server's, 1)")
     complete.add_argument("--top-p", type=float, help="nucleus sampling, 0 to 1")
     complete.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     complete.add_argument("--stop", action="append", help="a stop sequence; repeat for several")
-    complete.add_argument(
-        "--raw", action="store_true", help="send the prompt as is, without Human/Assistant turns"
-    )
+    complete.add_argument("--raw", action="store_true", help="send the prompt as is, without Human/Assistant turns")
     _client_flags(complete)
     complete.set_defaults(run=_complete)
     return parser
@@ -116,12 +143,11 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tcserve.api.app import create_app
+    from tcserve.api.server import serve
 
-    flags = ("host", "port", "config", "api_keys", "model_path", "ctx_size", "threads", "max_body_bytes",
-             "ping_interval", "log_level")  # fmt: skip
+    flags = ("host", "port", "config", "api_keys", "model_path", "ctx_size", "threads", "parallel", "max_queue",
+             "prefix_cache", "shutdown_timeout", "max_body_bytes", "ping_interval", "log_level")  # fmt: skip
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     try:
         settings = Settings(**given)
@@ -131,7 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     models = load_models(settings)  # config mistakes end here, before logging is set up
     logs.setup(settings.log_level)
     app = create_app(settings, models)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    serve(app, settings.host, settings.port, settings.shutdown_timeout)
     return 0
 
 
@@ -143,9 +169,7 @@ def _client(args: argparse.Namespace) -> httpx.Client:
     headers = {"anthropic-version": "2023-06-01"}
     if args.api_key:
         headers["x-api-key"] = args.api_key
-    return httpx.Client(
-        base_url=args.base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600, connect=5)
-    )
+    return httpx.Client(base_url=args.base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600, connect=5))
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from tcserve.engines.base import Engine
 from tcserve.errors import ContextOverflow, EngineFailure
-from tcserve.generation import Finished, GenerationRequest, TextDelta
+from tcserve.generation import EngineEvent, Finished, GenerationRequest, TextDelta
 from tcserve.stops import StopMatch, StopMatcher
 
 StopReason = Literal["stop_sequence", "max_tokens"]
@@ -44,14 +44,17 @@ async def check_context(engine: Engine, request: GenerationRequest) -> int:
     return prompt_tokens
 
 
-async def complete(engine: Engine, request: GenerationRequest) -> AsyncGenerator[CompletionEvent, None]:
-    """Run the request to its end: `Chunk`s, then exactly one `Done`.
+def complete(engine: Engine, request: GenerationRequest) -> AsyncGenerator[CompletionEvent, None]:
+    """Admit the request now (raising `Overloaded` before anything is sent) and
+    return its events: `Chunk`s, then exactly one `Done`.
 
-    Closing this iterator early closes the engine's stream, which stops the
-    engine's work for this request.
+    Closing the returned iterator early closes the engine's stream, which stops
+    the engine's work for this request.
     """
-    matcher = StopMatcher(request.stop_sequences)
-    events = aiter(engine.generate(request))
+    return _run(engine.generate(request), StopMatcher(request.stop_sequences))
+
+
+async def _run(events: AsyncIterator[EngineEvent], matcher: StopMatcher) -> AsyncGenerator[CompletionEvent, None]:
     try:
         async for event in events:
             if isinstance(event, TextDelta):

@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 DEFAULT_CONTEXT_SIZE = 8192
+DEFAULT_PARALLEL = 8
+"""On 2 to 8 cores llama.cpp's batched decode keeps gaining up to ~16 sequences;
+8 slots x 8192 tokens of Gemma 3 270M's cache is about 1.2 GB."""
+DEFAULT_MAX_QUEUE = 64
 MiB = 1024 * 1024
 
 
@@ -30,15 +34,11 @@ class _ModelBase(BaseModel):
     name: str = Field(min_length=1, description="The id clients send as `model`.")
     display_name: str | None = Field(None, description="Shown by GET /v1/models; defaults to the name.")
     aliases: tuple[str, ...] = Field((), description="Other ids that reach this model.")
-    context_size: int = Field(
-        DEFAULT_CONTEXT_SIZE, ge=16, description="Tokens of context (prompt + completion)."
-    )
+    context_size: int = Field(DEFAULT_CONTEXT_SIZE, ge=16, description="Tokens of context (prompt + completion).")
     check_transcript: bool = Field(
         True, description="Enforce the Human/Assistant prompt rules; false for raw completion on base models."
     )
-    created_at: datetime | None = Field(
-        None, description="Listed by /v1/models; defaults to the file's date."
-    )
+    created_at: datetime | None = Field(None, description="Listed by /v1/models; defaults to the file's date.")
 
 
 class LlamaCppModel(_ModelBase):
@@ -47,6 +47,9 @@ class LlamaCppModel(_ModelBase):
     engine: Literal["llamacpp"] = "llamacpp"
     path: Path | None = Field(None, description="GGUF file; default: the packaged Gemma 3 270M.")
     threads: int | None = Field(None, ge=1, description="CPU threads; default: every core.")
+    parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=256, description="Sequences decoded together in one batch.")
+    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0, description="Requests that may wait for a slot; more get 529.")
+    prefix_cache: bool = Field(True, description="Reuse the cache of a shared prompt prefix.")
 
 
 class FakeModel(_ModelBase):
@@ -57,6 +60,7 @@ class FakeModel(_ModelBase):
     token_delay: float = Field(0.0, ge=0, description="Seconds to wait before each token.")
     load_delay: float = Field(0.0, ge=0, description="Seconds to 'load' before /health turns ready.")
     fail_after: int | None = Field(None, ge=0, description="Raise an engine failure after this many tokens.")
+    capacity: int = Field(1000, ge=0, description="Requests it holds at once; more get 529.")
 
 
 ModelConfig = Annotated[LlamaCppModel | FakeModel, Field(discriminator="engine")]
@@ -86,6 +90,10 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     ctx_size: int | None = Field(None, ge=16)
     threads: int | None = Field(None, ge=1)
+    parallel: int | None = Field(None, ge=1, le=256)
+    max_queue: int | None = Field(None, ge=0)
+    prefix_cache: bool | None = None
+    shutdown_timeout: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(32 * MiB, ge=1)
     ping_interval: float = Field(15.0, gt=0)
     seed_model_ids: bool = True
@@ -109,13 +117,18 @@ def load_models(settings: Settings) -> list[LlamaCppModel | FakeModel]:
     overrides: dict[str, object] = {}
     if settings.ctx_size is not None:
         overrides["context_size"] = settings.ctx_size
+    engine_flags = {
+        "path": settings.model_path,
+        "threads": settings.threads,
+        "parallel": settings.parallel,
+        "max_queue": settings.max_queue,
+        "prefix_cache": settings.prefix_cache,
+    }
+    given = {name: value for name, value in engine_flags.items() if value is not None}
     if isinstance(first, LlamaCppModel):
-        if settings.model_path is not None:
-            overrides["path"] = settings.model_path
-        if settings.threads is not None:
-            overrides["threads"] = settings.threads
-    elif settings.model_path is not None:
-        raise ConfigError("--model-path applies to a llama.cpp model, but the first model is not one")
+        overrides.update(given)
+    elif given:
+        raise ConfigError(f"{', '.join(given)}: these flags apply to a llama.cpp model, the first model is not one")
     models[0] = first.model_copy(update=overrides)
     _check_unique_ids(models)
     _check_files(models)

@@ -35,8 +35,7 @@ class ContextOverflow(InvalidRequest):
         self.max_tokens = max_tokens
         self.context_size = context_size
         super().__init__(
-            f"prompt is too long: {prompt_tokens} tokens + {max_tokens} "
-            f"max_tokens_to_sample > {context_size} context"
+            f"prompt is too long: {prompt_tokens} tokens + {max_tokens} max_tokens_to_sample > {context_size} context"
         )
 
 

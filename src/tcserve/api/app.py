@@ -28,6 +28,7 @@ from tcserve.api.errors import (
     to_api_error,
     validation_message,
 )
+from tcserve.api.metrics import Metrics, metrics_endpoint
 from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.state import ServerState
 from tcserve.catalog import Catalog, ServedModel
@@ -54,17 +55,18 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = {model.name: engine_factory(model) for model in served}
-        state = ServerState(settings, catalog, engines)
+        state = ServerState(settings, catalog, engines, Metrics(engines))
         app.state.tcserve = state
         _warn_if_open(settings)
-        loading = [asyncio.create_task(_load(state, name)) for name in engines]
+        background = [asyncio.create_task(_load(state, name)) for name in engines]
+        background.append(asyncio.create_task(state.metrics.run_sampler()))
         try:
             yield
         finally:
-            for task in loading:
+            for task in background:
                 task.cancel()
-            await asyncio.gather(*loading, return_exceptions=True)
-            await asyncio.gather(*(engine.aclose() for engine in engines.values()), return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
+            await state.close_engines()
 
     app = FastAPI(
         title="tcserve",
@@ -75,6 +77,7 @@ def create_app(
     app.include_router(complete.router)
     app.include_router(models.router)
     app.add_api_route("/health", health, methods=["GET"], summary="Ready (200) or loading (503)")
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics")
     _install_error_handlers(app)
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)

@@ -9,7 +9,8 @@ failure can only be an SSE `error` event.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tcserve import prompt
 from tcserve.api import sse
+from tcserve.api.disconnect import ClientDisconnected, until_disconnected
 from tcserve.api.errors import InvalidRequestError, error_event_data, to_api_error, validation_message
 from tcserve.api.headers import require_version
 from tcserve.api.middleware import request_id_of
@@ -32,6 +34,7 @@ from tcserve.ids import new_id
 
 router = APIRouter()
 
+CLIENT_CLOSED_REQUEST = 499
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -52,6 +55,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
     summary="Create a Text Completion",
 )
 async def create_completion(request: Request) -> Response:
+    arrived = time.monotonic()
     state = server_state(request)
     request_id = request_id_of(request.scope)
     wire = parse_completion_request(await request.body())
@@ -59,7 +63,8 @@ async def create_completion(request: Request) -> Response:
     generation = to_generation_request(wire, model, request_id)
     engine = state.ready_engine(model.name)
     await check_context(engine, generation)
-    events = complete(engine, generation)
+    ttft = state.metrics.time_to_first_token.labels(model.name)
+    events = first_text_timed(complete(engine, generation), lambda: ttft.observe(time.monotonic() - arrived))
     completion_id = new_id("compl")
     if wire.stream:
         frames = sse_frames(events, completion_id, wire.model, request_id)
@@ -68,7 +73,24 @@ async def create_completion(request: Request) -> Response:
             media_type="text/event-stream; charset=utf-8",
             headers=SSE_HEADERS,
         )
-    return JSONResponse(await whole_completion(events, completion_id, wire.model))
+    try:
+        body = await until_disconnected(request, whole_completion(events, completion_id, wire.model))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log does
+    return JSONResponse(body)
+
+
+async def first_text_timed(
+    events: AsyncGenerator[CompletionEvent, None], on_first: Callable[[], None]
+) -> AsyncGenerator[CompletionEvent, None]:
+    """Pass events through, calling `on_first` at the first text (or the end)."""
+    waiting = True
+    async with aclosing(events):
+        async for event in events:
+            if waiting and (event.text or isinstance(event, Done)):
+                waiting = False
+                on_first()
+            yield event
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:

@@ -1,17 +1,33 @@
 """The engine protocol: a validated request in, typed events out.
 
-An engine knows nothing of HTTP, pydantic or the wire format. `generate` is an
-async iterator of `TextDelta`s that ends with one `Finished`; closing it early
-(`aclose()`, which the caller does on a stop sequence or a client that went
-away) must stop the work behind it.
+An engine knows nothing of HTTP, pydantic or the wire format. `generate` admits
+the request at once (raising `Overloaded` when its queue is full, so that the
+HTTP edge can still answer 529 before anything is streamed) and returns an
+async iterator of `TextDelta`s that ends with one `Finished`. Closing that
+iterator early (`aclose()`, which the caller does on a stop sequence or when
+the client went away) must stop the work behind it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
+from tcserve.errors import Overloaded
 from tcserve.generation import EngineEvent, GenerationRequest
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics."""
+
+    waiting: int
+    """Admitted requests that wait for a slot."""
+    running: int
+    """Sequences being prefilled or generated."""
+    generated_tokens: int
+    """Tokens generated since start (a counter)."""
 
 
 class Engine(Protocol):
@@ -34,10 +50,33 @@ class Engine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        """Stream the completion. Raises `EngineNotReady` before `start()` is done,
-        `EngineFailure` when the engine breaks."""
+        """Admit the request now and stream its completion. Raises `Overloaded` when
+        the queue is full and `EngineNotReady` before `start()` is done; the stream
+        raises `EngineFailure` when the engine breaks."""
         ...
+
+    def stats(self) -> EngineStats: ...
 
     async def aclose(self) -> None:
         """Free the model; pending and later calls fail."""
         ...
+
+
+class Admission:
+    """Bounds the requests an engine holds: `slots` running plus `max_queue` waiting.
+
+    Used on the event loop only, so a plain counter is enough.
+    """
+
+    def __init__(self, slots: int, max_queue: int, retry_after: float = 1.0) -> None:
+        self.limit = slots + max_queue
+        self.held = 0
+        self._retry_after = retry_after
+
+    def admit(self) -> None:
+        if self.held >= self.limit:
+            raise Overloaded("Overloaded: the request queue is full", retry_after=self._retry_after)
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1

@@ -18,11 +18,17 @@ def build_engine(model: LlamaCppModel | FakeModel) -> Engine:
             token_delay=model.token_delay,
             load_delay=model.load_delay,
             fail_after=model.fail_after,
+            capacity=model.capacity,
         )
     from tcserve.engines.llamacpp import LlamaCppEngine  # imports llama.cpp only when needed
 
     return LlamaCppEngine(
-        model.path, context_size=model.context_size, threads=model.threads or default_threads()
+        model.path,
+        context_size=model.context_size,
+        threads=model.threads or default_threads(),
+        parallel=model.parallel,
+        max_queue=model.max_queue,
+        prefix_cache=model.prefix_cache,
     )
 
 

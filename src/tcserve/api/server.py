@@ -1,0 +1,61 @@
+"""Running the app under uvicorn, with a graceful drain on SIGTERM or Ctrl-C.
+
+uvicorn's own shutdown closes the listening socket at once, so new clients would
+get "connection refused" instead of an answer. On the first signal we drain
+instead: new requests get 529 `overloaded_error` (with `retry-after`, so the SDKs
+retry, perhaps on another instance), running requests may finish for up to
+`shutdown_timeout` seconds, then the engines are closed, which ends every
+remaining stream with an SSE `error` event. Only then does uvicorn shut down.
+A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from tcserve.api.state import ServerState
+
+log = logging.getLogger("tcserve")
+
+DRAIN_POLL_SECONDS = 0.05
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state: ServerState | None = getattr(self._app.state, "tcserve", None)
+        if self._drain is not None or state is None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        # Not recorded in _captured_signals: uvicorn would raise it again after a
+        # clean drain, and a drained server should exit 0.
+        log.info("%s: draining (new requests get 529; %.0fs for running ones)",
+                 signal.Signals(sig).name, self._shutdown_timeout)  # fmt: skip
+        state.draining = True
+        self._drain = asyncio.get_event_loop().create_task(self._drain_then_exit(state))
+
+    async def _drain_then_exit(self, state: ServerState) -> None:
+        deadline = time.monotonic() + self._shutdown_timeout
+        while state.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        if state.busy():
+            log.warning("shutdown timeout: ending the requests still running with an error event")
+        await state.close_engines()
+        self.should_exit = True
+
+
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    DrainingServer(config, app, shutdown_timeout).run()

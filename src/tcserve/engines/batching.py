@@ -1,0 +1,315 @@
+"""Continuous batching over one llama.cpp context with N sequence slots.
+
+The scheduler runs on one worker thread and owns the context. Each step builds
+one batch: the next token of every sequence that is generating, plus prompt
+chunks of newcomers within a budget, so a long prompt never stalls the running
+streams for more than a chunk. After `llama_decode`, every sequence that got
+logits samples its next token with its own sampler, and the step's events go
+to the event loop in one hand-off.
+
+Determinism. Prompts are prefilled in fixed chunks aligned to positions from
+the start of the prompt, one chunk per sequence per step, and a cached prefix
+is reused only in whole chunks. So a prompt is always computed the same way:
+the same greedy request on an otherwise idle server gives the same text, with
+or without prefix reuse. Inside a batch shared with other sequences llama.cpp's
+kernels take other paths and greedy results can change slightly.
+
+Prefix reuse. A finished sequence leaves its cache in its slot. A newcomer
+takes the free slot whose cache shares the most whole chunks with its prompt;
+when that prefix sits in a running sequence, the cache is copied whole (a
+partial copy asserts on a split cache) and trimmed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcserve.engines.native import Model
+from tcserve.engines.sampling import Sampler
+from tcserve.errors import EngineFailure, Overloaded
+from tcserve.generation import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
+
+log = logging.getLogger("tcserve.llamacpp")
+
+Outcome = EngineEvent | BaseException
+Deliver = Callable[[list[tuple["Job", Outcome]]], None]
+"""Hands one step's events to the event loop; must be thread-safe."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the scheduler."""
+
+    request: GenerationRequest
+    sampler: Sampler
+    channel: Any
+    """Where the engine facade delivers this job's events (opaque here)."""
+    cancelled: bool = False
+    """Set from the event loop when the consumer is gone; read at the next step."""
+    prompt: list[int] = field(default_factory=list)
+    slot: Slot | None = None
+    position: int = 0
+    """Tokens of this job in its slot's cache (prefill progress, then n_past)."""
+    pending: int | None = None
+    """The sampled token that the next step decodes."""
+    produced: int = 0
+    admitted: int = 0
+    """Order of arrival in a slot: the oldest prompt is prefilled first."""
+    utf8: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+
+@dataclass(eq=False)
+class Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    """What this sequence's cache holds, position by position."""
+    reusable: int = 0
+    """Leading tokens that were computed as whole aligned prefill chunks."""
+    job: Job | None = None
+    released_at: int = 0
+
+
+@dataclass
+class Stats:
+    waiting: int = 0
+    running: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: Model,
+        deliver: Deliver,
+        *,
+        slots: int,
+        chunk: int,
+        prefill_budget: int,
+        prefix_cache: bool = True,
+    ) -> None:
+        self._model = model
+        self._deliver = deliver
+        self._chunk = chunk
+        self._prefill_budget = max(prefill_budget, chunk)
+        self._prefix_cache = prefix_cache
+        self._slots = [Slot(i) for i in range(slots)]
+        self._inbox: deque[Job] = deque()
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._outbox: list[tuple[Job, Outcome]] = []
+        self._admitted = 0
+        self.stats = Stats()
+
+    # -- called from the event loop -------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        self._inbox.append(job)  # deque.append is atomic
+        self._wake.set()
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    # -- the worker thread ------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._take_inbox()
+                self._drop_cancelled()
+                self._assign_slots()
+                self._update_stats()
+                if any(slot.job for slot in self._slots):
+                    self._step()
+                else:
+                    self._wake.wait()
+        except BaseException as error:  # a bug here must not leave requests hanging
+            log.exception("the batching scheduler stopped")
+            self._fail_everyone(error)
+            raise
+        self._fail_everyone(Overloaded("The server is shutting down", retry_after=1.0))
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            job = self._inbox.popleft()
+            job.prompt = self._model.vocab.tokenize(job.request.prompt)
+            if 0 < len(job.prompt) < self._model.slot_context:
+                self._waiting.append(job)
+            else:  # the API checks this first; a batch must never carry an impossible sequence
+                self._fail(job, EngineFailure(f"a prompt of {len(job.prompt)} tokens cannot be decoded"))
+        self._flush()
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = deque(job for job in self._waiting if not job.cancelled)
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._release(slot)
+
+    def _assign_slots(self) -> None:
+        while self._waiting and any(slot.job is None for slot in self._slots):
+            job = self._waiting.popleft()
+            slot, keep = self._choose_slot(job.prompt)
+            slot.job, job.slot, job.position = job, slot, keep
+            self._admitted += 1
+            job.admitted = self._admitted
+            self.stats.reused_tokens += keep
+            self.stats.prompt_tokens += len(job.prompt)
+
+    def _choose_slot(self, prompt: list[int]) -> tuple[Slot, int]:
+        """The slot for a newcomer and how many cached prompt tokens it keeps."""
+        free = [slot for slot in self._slots if slot.job is None]
+        target = min(free, key=lambda slot: slot.released_at)  # least recently used
+        source, keep = target, 0
+        if self._prefix_cache:
+            best, most = max(((s, self._reusable(s, prompt)) for s in self._slots), key=lambda pair: pair[1])
+            if most and best.job is None:
+                source = target = best
+            elif most:
+                source = best
+                self._model.copy(source.index, target.index)
+            keep = most
+        self._model.forget(target.index, keep)
+        target.tokens = source.tokens[:keep]
+        target.reusable = keep
+        return target, keep
+
+    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
+        # At least the prompt's last token must be computed again: its logits are needed.
+        limit = min(slot.reusable, len(prompt) - 1)
+        same = 0
+        while same < limit and slot.tokens[same] == prompt[same]:
+            same += 1
+        return same - same % self._chunk
+
+    def _step(self) -> None:
+        batch = self._model.batch
+        batch.clear()
+        sampling: list[tuple[Job, int]] = []
+        running = [slot.job for slot in self._slots if slot.job is not None]
+        prefilling = sorted((job for job in running if job.position < len(job.prompt)), key=lambda j: j.admitted)
+        for job in running:
+            if job.pending is not None:
+                sampling.append((job, self._add_generated(job)))
+        budget = self._prefill_budget
+        for job in prefilling:
+            if budget < self._chunk:
+                break
+            index, size = self._add_chunk(job)
+            budget -= size
+            if index is not None:
+                sampling.append((job, index))
+        status = self._model.decode()
+        self.stats.steps += 1
+        if status != 0:
+            self._fail_batch(running, status)
+        else:
+            for job, index in sampling:
+                self._accept(job, self._sample(job, index))
+        self._flush()
+
+    def _add_generated(self, job: Job) -> int:
+        assert job.slot is not None and job.pending is not None
+        index = self._model.batch.add(job.pending, job.position, job.slot.index, True)
+        job.slot.tokens.append(job.pending)
+        job.position += 1
+        job.pending = None
+        return index
+
+    def _add_chunk(self, job: Job) -> tuple[int | None, int]:
+        """Add the job's next aligned prompt chunk; the batch index of its last prompt
+        token when this chunk ends the prompt."""
+        assert job.slot is not None
+        start = job.position
+        end = min(start - start % self._chunk + self._chunk, len(job.prompt))
+        last = None
+        for position in range(start, end):
+            is_last = position == len(job.prompt) - 1
+            index = self._model.batch.add(job.prompt[position], position, job.slot.index, is_last)
+            last = index if is_last else last
+        job.slot.tokens.extend(job.prompt[start:end])
+        if end % self._chunk == 0 and job.slot.reusable == start:
+            job.slot.reusable = end
+        job.position = end
+        return last, end - start
+
+    def _sample(self, job: Job, index: int) -> int:
+        return job.sampler(self._model.logits(index))
+
+    def _accept(self, job: Job, token: int) -> None:
+        vocab = self._model.vocab
+        if vocab.is_end(token):
+            self._finish(job, "end_of_sequence")
+            return
+        job.produced += 1
+        self.stats.generated_tokens += 1
+        if text := job.utf8.decode(vocab.piece(token)):
+            self._outbox.append((job, TextDelta(text)))
+        if job.produced >= job.request.max_tokens:
+            self._finish(job, "max_tokens")
+        elif job.position >= self._model.slot_context:
+            # Never reached when the API checked prompt + max_tokens against the context.
+            self._fail(job, EngineFailure(f"sequence reached the end of its {job.position}-token context"))
+        else:
+            job.pending = token
+
+    def _finish(self, job: Job, reason: FinishReason) -> None:
+        if tail := job.utf8.decode(b"", final=True):
+            self._outbox.append((job, TextDelta(tail)))
+        self._outbox.append((job, Finished(reason, len(job.prompt), job.produced)))
+        assert job.slot is not None
+        self._release(job.slot)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        self._outbox.append((job, error))
+        if job.slot is not None:
+            self._release(job.slot, forget=True)
+
+    def _fail_batch(self, jobs: list[Job], status: int) -> None:
+        log.error("llama_decode failed with status %d; failing the %d sequences of the batch", status, len(jobs))
+        for job in jobs:
+            self._fail(job, EngineFailure(f"llama_decode returned {status}"))
+
+    def _release(self, slot: Slot, *, forget: bool = False) -> None:
+        """Free the slot for the next request; its cache stays for prefix reuse
+        unless it can no longer be trusted."""
+        slot.job = None
+        slot.released_at = self.stats.steps
+        if forget:
+            self._model.forget(slot.index)
+            slot.tokens, slot.reusable = [], 0
+
+    def _fail_everyone(self, error: BaseException) -> None:
+        jobs = [*self._inbox, *self._waiting, *(s.job for s in self._slots if s.job is not None)]
+        self._inbox.clear()
+        self._waiting.clear()
+        for job in jobs:
+            self._outbox.append((job, error))
+        for slot in self._slots:
+            slot.job = None
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self._deliver(outbox)
+
+    def _update_stats(self) -> None:
+        self.stats.waiting = len(self._waiting) + len(self._inbox)
+        self.stats.running = sum(1 for slot in self._slots if slot.job is not None)

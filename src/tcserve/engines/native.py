@@ -1,0 +1,163 @@
+"""A thin, typed layer over llama-cpp-python's ctypes bindings: the only module that
+touches llama.cpp pointers. Everything here runs on the engine's worker thread,
+except `Vocab.tokenize` and `Vocab.piece`, which only read the vocabulary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+import numpy.typing as npt
+
+from tcserve.errors import EngineFailure
+
+log = logging.getLogger("tcserve.llamacpp")
+
+
+def _forward_ggml_log(level: int, text: bytes, _user: object) -> None:
+    # llama-cpp-python drops ggml's messages when verbose is off, errors included;
+    # ours keeps errors and warnings and puts the chatter at debug.
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.ERROR if level == 4 else logging.WARNING if level == 3 else logging.DEBUG, message)
+
+
+_LOG_CALLBACK = llama.llama_log_callback(_forward_ggml_log)  # ctypes needs it kept alive
+
+
+class Vocab:
+    def __init__(self, vocab: llama.llama_vocab_p) -> None:
+        self._vocab = vocab
+        self.size: int = llama.llama_vocab_n_tokens(vocab)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the model is fed them: BOS first (when the model wants one)."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama.llama_token * capacity)()
+        count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, True, False)
+        if count < 0:  # a negative count is the size it needs
+            capacity = -count
+            buffer = (llama.llama_token * capacity)()
+            count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, True, False)
+        return list(buffer[:count])
+
+    def piece(self, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        size = llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:size]
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    slots: int
+    """Sequences decoded together (llama.cpp's n_seq_max)."""
+    slot_context: int
+    """Tokens of KV cache for each sequence; the context a request may use."""
+    batch_tokens: int
+    """Most tokens one llama_decode takes (n_batch = n_ubatch)."""
+    threads: int
+
+
+class Model:
+    """A loaded GGUF file and one context with `slots` independent sequences.
+
+    The KV cache is not unified: each sequence owns `slot_context` cells, so a
+    request's limit is fixed and one busy sequence can never starve another of
+    cache (a unified cache would share it and could run out mid-generation).
+    `swa_full` keeps the whole history of sliding-window layers, so that a
+    cached prefix can always be trimmed and reused.
+    """
+
+    def __init__(self, path: Path, params: ContextParams) -> None:
+        llama.llama_log_set(_LOG_CALLBACK, None)
+        llama.llama_backend_init()
+        if not path.is_file():
+            raise EngineFailure(f"model file not found: {path}")
+        model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+        if not model:
+            raise EngineFailure(f"llama.cpp could not load {path} (not a GGUF model it supports?)")
+        context = llama.llama_init_from_model(model, _context_params(params))
+        if not context:
+            llama.llama_model_free(model)
+            raise EngineFailure(f"llama.cpp could not create a context of {params.slots} x {params.slot_context}")
+        self._model = model
+        self._ctx = context
+        self._memory = llama.llama_get_memory(context)
+        self.vocab = Vocab(llama.llama_model_get_vocab(model))
+        self.slot_context: int = llama.llama_n_ctx_seq(context)
+        self.batch = Batch(params.batch_tokens)
+
+    def decode(self) -> int:
+        """Run the filled batch; 0 on success (llama_decode's own status otherwise)."""
+        return int(llama.llama_decode(self._ctx, self.batch.native))
+
+    def logits(self, batch_index: int) -> npt.NDArray[np.float32]:
+        """The logit row of a token that asked for one, as a view (valid until the next decode)."""
+        pointer = llama.llama_get_logits_ith(self._ctx, batch_index)
+        return np.ctypeslib.as_array(pointer, shape=(self.vocab.size,))
+
+    def forget(self, slot: int, from_position: int = 0) -> None:
+        """Drop a sequence's cache from `from_position` on (0: all of it)."""
+        llama.llama_memory_seq_rm(self._memory, slot, from_position, -1)
+
+    def copy(self, source: int, target: int) -> None:
+        """Copy a whole sequence's cache (a partial copy asserts on a split cache)."""
+        llama.llama_memory_seq_rm(self._memory, target, 0, -1)
+        llama.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
+    def close(self) -> None:
+        self.batch.close()
+        llama.llama_free(self._ctx)
+        llama.llama_model_free(self._model)
+
+
+def _context_params(params: ContextParams) -> llama.llama_context_params:
+    native = llama.llama_context_default_params()
+    native.n_ctx = params.slot_context * params.slots
+    native.n_batch = native.n_ubatch = params.batch_tokens
+    native.n_seq_max = params.slots
+    native.n_threads = native.n_threads_batch = params.threads
+    native.kv_unified = False
+    native.swa_full = True
+    return native  # type: ignore[no-any-return]
+
+
+class Batch:
+    """A reusable llama_batch: fill with `add`, run with `Model.decode`, then `clear`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.native = llama.llama_batch_init(capacity, 0, 1)
+        self.size = 0
+
+    def add(self, token: int, position: int, slot: int, wants_logits: bool) -> int:
+        """Append a token; returns its index in the batch (for `Model.logits`)."""
+        index = self.size
+        native = self.native
+        native.token[index] = token
+        native.pos[index] = position
+        native.n_seq_id[index] = 1
+        native.seq_id[index][0] = slot
+        native.logits[index] = wants_logits
+        self.size += 1
+        native.n_tokens = self.size
+        return index
+
+    def clear(self) -> None:
+        self.size = 0
+        self.native.n_tokens = 0
+
+    def close(self) -> None:
+        llama.llama_batch_free(self.native)
