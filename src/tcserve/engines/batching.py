@@ -101,7 +101,7 @@ class Scheduler:
         self._model = model
         self._deliver = deliver
         self._chunk = chunk
-        self._prefill_budget = max(prefill_budget, chunk)
+        self._prefill_budget = max(prefill_budget, chunk)  # a whole chunk always fits
         self._prefix_cache = prefix_cache
         self._slots = [Slot(i) for i in range(slots)]
         self._inbox: deque[Job] = deque()
@@ -209,12 +209,11 @@ class Scheduler:
                 sampling.append((job, self._add_generated(job)))
         budget = self._prefill_budget
         for job in prefilling:
-            if budget < self._chunk:
-                break
-            index, size = self._add_chunk(job)
+            size = self._next_chunk_size(job)
+            if size > budget:
+                break  # first come, first served: no overtaking by shorter prompts
+            sampling += [(job, index) for index in self._add_chunk(job)]
             budget -= size
-            if index is not None:
-                sampling.append((job, index))
         status = self._model.decode()
         self.stats.steps += 1
         if status != 0:
@@ -232,22 +231,27 @@ class Scheduler:
         job.pending = None
         return index
 
-    def _add_chunk(self, job: Job) -> tuple[int | None, int]:
-        """Add the job's next aligned prompt chunk; the batch index of its last prompt
-        token when this chunk ends the prompt."""
+    def _next_chunk_size(self, job: Job) -> int:
+        start = job.position
+        return min(start - start % self._chunk + self._chunk, len(job.prompt)) - start
+
+    def _add_chunk(self, job: Job) -> list[int]:
+        """Add the job's next aligned prompt chunk. Returns the batch index of the
+        prompt's last token when this chunk ends the prompt (its logits give the
+        first generated token), else nothing."""
         assert job.slot is not None
         start = job.position
-        end = min(start - start % self._chunk + self._chunk, len(job.prompt))
-        last = None
-        for position in range(start, end):
-            is_last = position == len(job.prompt) - 1
-            index = self._model.batch.add(job.prompt[position], position, job.slot.index, is_last)
-            last = index if is_last else last
+        end = start + self._next_chunk_size(job)
+        last = len(job.prompt) - 1
+        indexes = [
+            self._model.batch.add(job.prompt[position], position, job.slot.index, position == last)
+            for position in range(start, end)
+        ]
         job.slot.tokens.extend(job.prompt[start:end])
         if end % self._chunk == 0 and job.slot.reusable == start:
             job.slot.reusable = end
         job.position = end
-        return last, end - start
+        return [indexes[-1]] if end == len(job.prompt) else []
 
     def _sample(self, job: Job, index: int) -> int:
         return job.sampler(self._model.logits(index))

@@ -26,8 +26,9 @@ log = logging.getLogger("tcserve.llamacpp")
 
 PREFILL_CHUNK = 128
 """Prompt tokens per chunk; a cached prefix is reused in whole chunks."""
-PREFILL_BUDGET = 256
-"""Prompt tokens one step may add beside the running sequences' tokens."""
+PREFILL_BUDGET = 512
+"""Prompt tokens one step may add beside the running sequences' tokens (llama-server's
+n_ubatch): a step with a full prefill costs a few decode steps, never more."""
 
 
 def default_model_path() -> Path:
