@@ -39,7 +39,7 @@ def request(prompt: str, max_tokens: int = 30, **sampling: Any) -> GenerationReq
 
 
 async def run(engine: LlamaCppEngine, req: GenerationRequest) -> list[EngineEvent]:
-    return [event async for event in engine.generate(req)]
+    return [event async for event in await engine.generate(req)]
 
 
 def text_of(events: list[EngineEvent]) -> str:
@@ -126,7 +126,7 @@ async def test_a_long_prompt_does_not_stall_running_streams(engine: LlamaCppEngi
     order: list[str] = []
 
     async def consume(name: str, req: GenerationRequest, first_only: bool = False) -> None:
-        async for _event in engine.generate(req):
+        async for _event in await engine.generate(req):
             order.append(name)
             if first_only:
                 return
@@ -148,7 +148,7 @@ async def test_a_long_prompt_does_not_stall_running_streams(engine: LlamaCppEngi
 
 
 async def test_closing_a_stream_frees_its_slot(engine: LlamaCppEngine) -> None:
-    streams = [engine.generate(request("\n\nHuman: Count to 1000.\n\nAssistant:", 900)) for _ in range(3)]
+    streams = [await engine.generate(request("\n\nHuman: Count to 1000.\n\nAssistant:", 900)) for _ in range(3)]
     for stream in streams:
         await anext(stream)
     assert engine.stats().running == 3
@@ -159,7 +159,7 @@ async def test_closing_a_stream_frees_its_slot(engine: LlamaCppEngine) -> None:
 
 
 async def test_a_dropped_stream_is_cancelled_too(engine: LlamaCppEngine) -> None:
-    stream = engine.generate(request("\n\nHuman: Count to 1000.\n\nAssistant:", 900))
+    stream = await engine.generate(request("\n\nHuman: Count to 1000.\n\nAssistant:", 900))
     await anext(stream)
     del stream  # never closed: the engine must notice all the same
     await settled(engine)
@@ -167,10 +167,10 @@ async def test_a_dropped_stream_is_cancelled_too(engine: LlamaCppEngine) -> None
 
 async def test_a_full_queue_is_overloaded(engine: LlamaCppEngine) -> None:
     long = request("\n\nHuman: Count to 1000.\n\nAssistant:", 900)
-    held = [engine.generate(long) for _ in range(4 + 2)]  # 4 slots + 2 queued
+    held = [await engine.generate(long) for _ in range(4 + 2)]  # 4 slots + 2 queued
     try:
         with pytest.raises(Overloaded) as caught:
-            engine.generate(long)
+            await engine.generate(long)
         assert caught.value.retry_after > 0
     finally:
         for stream in held:
@@ -204,7 +204,7 @@ async def test_not_ready_before_start() -> None:
     with pytest.raises(EngineNotReady):
         await engine.count_tokens("x")
     with pytest.raises(EngineNotReady):
-        engine.generate(request("x"))
+        await engine.generate(request("x"))
     await engine.aclose()
 
 

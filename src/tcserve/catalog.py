@@ -11,10 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tcserve.config import FakeModel, LlamaCppModel
+from tcserve.config import ServedModel
 from tcserve.errors import ModelNotFound
-
-ServedModel = LlamaCppModel | FakeModel
 
 # id -> (display name, created_at date). The date is the one in the id or in its
 # dated sibling; claude-opus-4-6 has no dated sibling and counts as newest (ours).

@@ -44,14 +44,14 @@ async def check_context(engine: Engine, request: GenerationRequest) -> int:
     return prompt_tokens
 
 
-def complete(engine: Engine, request: GenerationRequest) -> AsyncGenerator[CompletionEvent, None]:
-    """Admit the request now (raising `Overloaded` before anything is sent) and
+async def complete(engine: Engine, request: GenerationRequest) -> AsyncGenerator[CompletionEvent, None]:
+    """Admit the request (raising `Overloaded` before anything is sent) and
     return its events: `Chunk`s, then exactly one `Done`.
 
     Closing the returned iterator early closes the engine's stream, which stops
     the engine's work for this request.
     """
-    return _run(engine.generate(request), StopMatcher(request.stop_sequences))
+    return _run(await engine.generate(request), StopMatcher(request.stop_sequences))
 
 
 async def _run(events: AsyncIterator[EngineEvent], matcher: StopMatcher) -> AsyncGenerator[CompletionEvent, None]:
@@ -66,7 +66,7 @@ async def _run(events: AsyncIterator[EngineEvent], matcher: StopMatcher) -> Asyn
                     yield Chunk(released)
             elif isinstance(event, Finished):
                 reason: StopReason = "max_tokens" if event.reason == "max_tokens" else "stop_sequence"
-                yield Done(matcher.flush(), reason, None)
+                yield Done(matcher.flush(), reason, event.stop if event.reason == "stop_sequence" else None)
                 return
         raise EngineFailure("engine stream ended without a Finished event")
     finally:

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
@@ -63,7 +63,31 @@ class FakeModel(_ModelBase):
     capacity: int = Field(1000, ge=0, description="Requests it holds at once; more get 529.")
 
 
-ModelConfig = Annotated[LlamaCppModel | FakeModel, Field(discriminator="engine")]
+class UpstreamModel(_ModelBase):
+    """A model served by OpenAI-compatible `/v1/completions` servers (vLLM, SGLang,
+    llama-server, TGI): tcserve keeps the wire, the upstream does the compute."""
+
+    engine: Literal["upstream"]
+    urls: tuple[AnyHttpUrl, ...] = Field(min_length=1, description="Replicas, e.g. http://gpu-1:8000.")
+    upstream_model: str | None = Field(None, description="The model name the upstream serves; default: name.")
+    api_key: SecretStr | None = Field(None, description="Sent as `Authorization: Bearer` to the upstream.")
+    context_size: int | None = Field(  # type: ignore[assignment]
+        None, ge=16, description="Default: the upstream's max_model_len from its /v1/models."
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a replica.")
+    read_timeout: float = Field(120.0, gt=0, description="Seconds without a byte from the upstream.")
+    health_interval: float = Field(5.0, gt=0, description="Seconds between health checks of each replica.")
+    stop_limit: int = Field(
+        16,
+        ge=0,
+        description="Stop sequences sent upstream (tcserve enforces all of them). 0 for upstreams that drop the"
+        " stop text without naming the stop (llama-cpp-python's server), so that tcserve sees and reports it.",
+    )
+    max_in_flight: int = Field(256, ge=1, description="Requests in flight over all replicas; more get 529.")
+
+
+ServedModel = LlamaCppModel | FakeModel | UpstreamModel
+ModelConfig = Annotated[ServedModel, Field(discriminator="engine")]
 
 
 class _ModelTable(BaseModel):
@@ -107,10 +131,10 @@ class Settings(BaseSettings):
         return value
 
 
-def load_models(settings: Settings) -> list[LlamaCppModel | FakeModel]:
+def load_models(settings: Settings) -> list[ServedModel]:
     """The model table: the config file's, or the embedded default; flags then apply
     to the first (default) model."""
-    models: list[LlamaCppModel | FakeModel] = (
+    models: list[ServedModel] = (
         _read_table(settings.config) if settings.config else [LlamaCppModel(name=DEFAULT_MODEL_NAME)]
     )
     first = models[0]
@@ -135,7 +159,7 @@ def load_models(settings: Settings) -> list[LlamaCppModel | FakeModel]:
     return models
 
 
-def _read_table(path: Path) -> list[LlamaCppModel | FakeModel]:
+def _read_table(path: Path) -> list[ServedModel]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -151,13 +175,13 @@ def _read_table(path: Path) -> list[LlamaCppModel | FakeModel]:
     return [_resolve_relative(m, path.parent) for m in table.models]
 
 
-def _resolve_relative(model: LlamaCppModel | FakeModel, base: Path) -> LlamaCppModel | FakeModel:
+def _resolve_relative(model: ServedModel, base: Path) -> ServedModel:
     if isinstance(model, LlamaCppModel) and model.path is not None and not model.path.is_absolute():
         return model.model_copy(update={"path": base / model.path})
     return model
 
 
-def _check_unique_ids(models: list[LlamaCppModel | FakeModel]) -> None:
+def _check_unique_ids(models: list[ServedModel]) -> None:
     seen: set[str] = set()
     for model in models:
         for model_id in (model.name, *model.aliases):
@@ -166,7 +190,7 @@ def _check_unique_ids(models: list[LlamaCppModel | FakeModel]) -> None:
             seen.add(model_id)
 
 
-def _check_files(models: list[LlamaCppModel | FakeModel]) -> None:
+def _check_files(models: list[ServedModel]) -> None:
     for model in models:
         if isinstance(model, LlamaCppModel) and model.path is not None and not model.path.is_file():
             raise ConfigError(f"model {model.name!r}: no such GGUF file: {model.path}")

@@ -50,17 +50,20 @@ class TextDelta:
     text: str
 
 
-FinishReason = Literal["end_of_sequence", "max_tokens"]
+FinishReason = Literal["end_of_sequence", "max_tokens", "stop_sequence"]
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The engine stopped on its own: the model's end-of-sequence token or the
-    token budget. (A stop sequence is found above the engine, not in it.)"""
+    """The engine stopped: the model's end-of-sequence token, the token budget,
+    or (engines that apply stop sequences themselves, such as an upstream
+    server) one of the request's stop sequences, named in `stop`. The stop
+    matcher above every engine finds stops in the text as well."""
 
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    stop: str | None = None
 
 
 EngineEvent = TextDelta | Finished

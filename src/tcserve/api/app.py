@@ -31,8 +31,8 @@ from tcserve.api.errors import (
 from tcserve.api.metrics import Metrics, metrics_endpoint
 from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.state import ServerState
-from tcserve.catalog import Catalog, ServedModel
-from tcserve.config import Settings, load_models
+from tcserve.catalog import Catalog
+from tcserve.config import ServedModel, Settings, load_models
 from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError

@@ -28,7 +28,7 @@ from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import server_state
 from tcserve.completions import CompletionEvent, Done, check_context, complete
-from tcserve.config import FakeModel, LlamaCppModel
+from tcserve.config import ServedModel
 from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
 
@@ -64,7 +64,7 @@ async def create_completion(request: Request) -> Response:
     engine = state.ready_engine(model.name)
     await check_context(engine, generation)
     ttft = state.metrics.time_to_first_token.labels(model.name)
-    events = first_text_timed(complete(engine, generation), lambda: ttft.observe(time.monotonic() - arrived))
+    events = first_text_timed(await complete(engine, generation), lambda: ttft.observe(time.monotonic() - arrived))
     completion_id = new_id("compl")
     if wire.stream:
         frames = sse_frames(events, completion_id, wire.model, request_id)
@@ -110,9 +110,7 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def to_generation_request(
-    wire: CompletionRequest, model: LlamaCppModel | FakeModel, request_id: str
-) -> GenerationRequest:
+def to_generation_request(wire: CompletionRequest, model: ServedModel, request_id: str) -> GenerationRequest:
     """Parse, don't validate: the only way a wire request reaches an engine."""
     user_stops = tuple(wire.stop_sequences or ())
     if any(stop == "" for stop in user_stops):

@@ -1,9 +1,9 @@
 """The engine protocol: a validated request in, typed events out.
 
-An engine knows nothing of HTTP, pydantic or the wire format. `generate` admits
-the request at once (raising `Overloaded` when its queue is full, so that the
-HTTP edge can still answer 529 before anything is streamed) and returns an
-async iterator of `TextDelta`s that ends with one `Finished`. Closing that
+An engine knows nothing of HTTP, pydantic or the wire format. Awaiting
+`generate` admits the request (raising `Overloaded` when its queue is full, or
+when an upstream refuses it, so that the HTTP edge can still answer 529 before
+anything is streamed) and returns an async iterator of `TextDelta`s that ends with one `Finished`. Closing that
 iterator early (`aclose()`, which the caller does on a stop sequence or when
 the client went away) must stop the work behind it.
 """
@@ -49,9 +49,9 @@ class Engine(Protocol):
         """Tokens the prompt will take, as `generate` will feed it (BOS included)."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        """Admit the request now and stream its completion. Raises `Overloaded` when
-        the queue is full and `EngineNotReady` before `start()` is done; the stream
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        """Admit the request and return its stream. Raises `Overloaded` when the
+        queue is full and `EngineNotReady` before `start()` is done; the stream
         raises `EngineFailure` when the engine breaks."""
         ...
 

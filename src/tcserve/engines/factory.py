@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tcserve.config import FakeModel, LlamaCppModel, default_threads
+from tcserve.config import FakeModel, LlamaCppModel, ServedModel, UpstreamModel, default_threads
 from tcserve.engines.base import Engine
 from tcserve.engines.fake import FakeEngine
+from tcserve.engines.upstream import UpstreamEngine
 
 
-def build_engine(model: LlamaCppModel | FakeModel) -> Engine:
+def build_engine(model: ServedModel) -> Engine:
     if isinstance(model, FakeModel):
         return FakeEngine(
             model.reply,
@@ -20,6 +21,8 @@ def build_engine(model: LlamaCppModel | FakeModel) -> Engine:
             fail_after=model.fail_after,
             capacity=model.capacity,
         )
+    if isinstance(model, UpstreamModel):
+        return UpstreamEngine(model)
     from tcserve.engines.llamacpp import LlamaCppEngine  # imports llama.cpp only when needed
 
     return LlamaCppEngine(
@@ -32,7 +35,7 @@ def build_engine(model: LlamaCppModel | FakeModel) -> Engine:
     )
 
 
-def model_file_date(model: LlamaCppModel | FakeModel) -> datetime | None:
+def model_file_date(model: ServedModel) -> datetime | None:
     """When the model's weights file was written: /v1/models' `created_at` for a local model."""
     if not isinstance(model, LlamaCppModel):
         return None

@@ -59,7 +59,7 @@ class FakeEngine:
     async def count_tokens(self, text: str) -> int:
         return len(text) + 1  # one per character, plus BOS
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         if not self._ready:
             raise EngineNotReady()
         self._admission.admit()

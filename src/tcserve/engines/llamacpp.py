@@ -89,7 +89,7 @@ class LlamaCppEngine:
         # Tokenizing only reads the vocabulary: safe beside a running decode.
         return len(await asyncio.to_thread(model.vocab.tokenize, text))
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self._require_scheduler()
         self._admission.admit()
         job = Job(request, Sampler(request.sampling), channel=asyncio.Queue())

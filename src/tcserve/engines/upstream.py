@@ -1,0 +1,348 @@
+"""An engine that forwards to OpenAI-compatible `/v1/completions` servers.
+
+tcserve keeps the wire (validation, prompt rules, stop semantics, errors, SSE);
+the upstream (vLLM, SGLang, llama-server, TGI; one or many replicas) does the
+compute. Each request goes to the replica with the fewest requests in flight.
+Replicas are health-checked in the background and skipped while down.
+
+Failure rules:
+- before any text was produced, a failed replica (unreachable, 5xx, 429, a
+  stream that broke) is tried once more on another replica;
+- an upstream 429 or 503, or no reachable replica, is `Overloaded` (529 with
+  `retry-after`, which the SDKs honour);
+- an upstream 400 is the caller's mistake and keeps its message;
+- a timeout is an `EngineFailure` (500 `api_error`): the SDKs retry a 500, and
+  Anthropic's error vocabulary in our spec has no timeout type;
+- after text was produced, any failure ends the stream with an error, never a
+  silent truncation.
+
+Stops: the built-in and the user's stop sequences go upstream (up to
+`stop_limit`) with `include_stop_str_in_output`, so the stop text reaches
+tcserve's own stop matcher, which cuts and reports it exactly as it does for
+the embedded engine, and enforces the stops the upstream was not sent. vLLM
+also names the stop it matched (`stop_reason`). An upstream that does neither
+(llama-cpp-python's server drops the stop text silently) needs `stop_limit = 0`:
+then tcserve alone finds the stops and closes the upstream stream at the match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tcserve.config import UpstreamModel
+from tcserve.engines.base import Admission, EngineStats
+from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded
+from tcserve.generation import EngineEvent, Finished, GenerationRequest, TextDelta
+
+log = logging.getLogger("tcserve.upstream")
+
+OVERLOADED_STATUSES = frozenset({429, 503})
+TOKENIZE_ROUTES = (("/tokenize", "prompt"), ("/extras/tokenize", "input"))
+"""(path, field of the text): vLLM and SGLang, then llama-cpp-python's server."""
+ATTEMPTS = 2
+"""The first replica, then one retry on another."""
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    up: bool = False
+    in_flight: int = 0
+
+
+class _Retryable(Exception):
+    """This replica failed before any text; another may succeed."""
+
+    def __init__(self, reason: str, *, overloaded: bool = False, retry_after: float = 1.0) -> None:
+        super().__init__(reason)
+        self.overloaded = overloaded
+        self.retry_after = retry_after
+
+
+class UpstreamEngine:
+    def __init__(self, model: UpstreamModel, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._config = model
+        self._name = model.upstream_model or model.name
+        self._replicas = [Replica(str(url).rstrip("/")) for url in model.urls]
+        self._context_size = model.context_size
+        self._admission = Admission(model.max_in_flight, 0, retry_after=1.0)
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._health: asyncio.Task[None] | None = None
+        self._generated = 0
+        self._tokenize_route = 0
+
+    # -- the Engine protocol ------------------------------------------------------------
+
+    @property
+    def context_size(self) -> int:
+        return self._context_size or 0
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None and self._context_size is not None
+
+    async def start(self) -> None:
+        headers = {}
+        if self._config.api_key is not None:
+            headers["authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+        timeout = httpx.Timeout(self._config.read_timeout, connect=self._config.connect_timeout)
+        client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport)
+        while self._context_size is None:  # /health says "loading" until a replica tells us
+            await self._check_replicas(client)
+            self._context_size = await self._discover_context(client)
+            if self._context_size is None:
+                await asyncio.sleep(self._config.health_interval)
+        self._client = client
+        self._health = asyncio.create_task(self._health_loop())
+        log.info("upstream %s: %d replica(s), context %d", self._name, len(self._replicas), self._context_size)
+
+    async def count_tokens(self, text: str) -> int:
+        """The prompt's tokens by the upstream's own tokenizer: vLLM's and SGLang's
+        `/tokenize`, or llama-cpp-python's `/extras/tokenize`. An upstream with
+        neither counts 0 here and checks the length itself (its 400 is passed on)."""
+        client = self._require_client()
+        while self._tokenize_route < len(TOKENIZE_ROUTES):
+            path, field = TOKENIZE_ROUTES[self._tokenize_route]
+            for replica in self._by_load():
+                try:
+                    response = await client.post(f"{replica.url}{path}", json={"model": self._name, field: text})
+                except httpx.HTTPError:
+                    continue
+                if response.status_code == 200:
+                    body = response.json()
+                    return int(body.get("count", len(body.get("tokens", []))))
+                break
+            else:
+                return 0  # no replica answered: let the request itself fail or succeed
+            if response.status_code not in (404, 405):
+                return 0
+            self._tokenize_route += 1  # this kind of server has no such route; try the next kind
+        return 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        self._require_client()
+        self._admission.admit()
+        try:
+            replica, response = await self._open(request, tried=set())
+        except BaseException:
+            self._admission.release()
+            raise
+        return self._events(request, replica, response)
+
+    def stats(self) -> EngineStats:
+        running = sum(replica.in_flight for replica in self._replicas)
+        return EngineStats(waiting=0, running=running, generated_tokens=self._generated)
+
+    def replicas(self) -> dict[str, tuple[bool, int]]:
+        """Each replica's (up, requests in flight), for logs and tests."""
+        return {replica.url: (replica.up, replica.in_flight) for replica in self._replicas}
+
+    async def aclose(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            await asyncio.gather(self._health, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = None
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _open(self, request: GenerationRequest, tried: set[str]) -> tuple[Replica, httpx.Response]:
+        """Send the request to the least busy replica not tried yet; retry once elsewhere."""
+        last: _Retryable | None = None
+        while len(tried) < ATTEMPTS:
+            replica = self._pick(tried)
+            if replica is None:
+                break
+            tried.add(replica.url)
+            try:
+                return replica, await self._send(replica, request)
+            except _Retryable as error:
+                log.warning("request %s: replica %s failed: %s", request.request_id, replica.url, error)
+                last = error
+        if last is not None and not last.overloaded:
+            raise EngineFailure(f"upstream failed: {last}")
+        retry_after = last.retry_after if last is not None else self._config.health_interval
+        raise Overloaded("Overloaded: no upstream replica can take the request", retry_after=retry_after)
+
+    async def _send(self, replica: Replica, request: GenerationRequest) -> httpx.Response:
+        client = self._require_client()
+        http_request = client.build_request("POST", f"{replica.url}/v1/completions", json=self._body(request))
+        try:
+            response = await client.send(http_request, stream=True)
+        except httpx.TimeoutException as error:
+            raise _Retryable(f"timed out connecting: {error!r}") from None
+        except httpx.TransportError as error:
+            replica.up = False  # the health loop brings it back
+            raise _Retryable(f"unreachable: {error!r}", overloaded=True) from None
+        if response.status_code == 200:
+            replica.in_flight += 1
+            return response
+        detail = (await response.aread()).decode("utf-8", errors="replace")
+        await response.aclose()
+        if response.status_code in OVERLOADED_STATUSES:
+            retry_after = _retry_after(response) or 1.0
+            raise _Retryable(f"{response.status_code} {detail[:200]}", overloaded=True, retry_after=retry_after)
+        if 400 <= response.status_code < 500:
+            raise InvalidRequest(f"upstream rejected the request: {_error_message(detail)}")
+        raise _Retryable(f"{response.status_code} {detail[:200]}")
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        sampling = request.sampling
+        body: dict[str, Any] = {
+            "model": self._name,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": 0.0 if sampling.greedy else sampling.temperature,
+            "stream": True,
+        }
+        if stops := list(request.stop_sequences[: self._config.stop_limit]):
+            body["stop"] = stops
+            body["include_stop_str_in_output"] = True  # vLLM: the stop text reaches our matcher
+        if sampling.top_p is not None:
+            body["top_p"] = sampling.top_p
+        if sampling.top_k:
+            body["top_k"] = sampling.top_k
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return body
+
+    async def _events(
+        self, request: GenerationRequest, replica: Replica, response: httpx.Response
+    ) -> AsyncIterator[EngineEvent]:
+        produced = 0
+        tried = {replica.url}
+        try:
+            while True:
+                try:
+                    async for event in self._read(response):
+                        if isinstance(event, TextDelta) and event.text:
+                            produced += 1
+                            self._generated += 1
+                        yield event
+                        if isinstance(event, Finished):
+                            return
+                    raise _Retryable("the stream ended without a finish reason")
+                except (_Retryable, httpx.TransportError) as error:
+                    if produced or len(tried) >= ATTEMPTS:
+                        raise EngineFailure(f"upstream stream from {replica.url} broke: {error!r}") from None
+                    log.warning("request %s: %s broke before any text (%r); retrying", request.request_id,
+                                replica.url, error)  # fmt: skip
+                    await self._finish(replica, response)
+                    replica, response = await self._open(request, tried)
+        except httpx.TimeoutException as error:
+            raise EngineFailure(f"upstream {replica.url} timed out: {error!r}") from None
+        finally:
+            await self._finish(replica, response)
+            self._admission.release()
+
+    async def _read(self, response: httpx.Response) -> AsyncIterator[EngineEvent]:
+        """OpenAI-style SSE chunks -> engine events (the usage-only chunk and [DONE] are skipped)."""
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise _Retryable(f"upstream error event: {chunk['error']}")
+            for choice in chunk.get("choices") or ():
+                if text := choice.get("text"):
+                    yield TextDelta(text)
+                if finished := _finished(choice):
+                    yield finished
+                    return
+
+    async def _finish(self, replica: Replica, response: httpx.Response) -> None:
+        if not response.is_closed:
+            replica.in_flight -= 1
+            await response.aclose()  # closing the connection aborts the upstream request
+
+    # -- replicas -------------------------------------------------------------------------
+
+    def _pick(self, tried: set[str]) -> Replica | None:
+        candidates = [r for r in self._by_load() if r.url not in tried]
+        return next((r for r in candidates if r.up), None)
+
+    def _by_load(self) -> list[Replica]:
+        return sorted(self._replicas, key=lambda replica: replica.in_flight)
+
+    async def _health_loop(self) -> None:
+        client = self._require_client()
+        while True:
+            await asyncio.sleep(self._config.health_interval)
+            await self._check_replicas(client)
+
+    async def _check_replicas(self, client: httpx.AsyncClient) -> None:
+        await asyncio.gather(*(self._check(client, replica) for replica in self._replicas))
+
+    async def _check(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        """vLLM, SGLang, TGI and llama-server answer /health; servers without it
+        (llama-cpp-python's) are up when /v1/models answers."""
+        timeout = self._config.connect_timeout
+        try:
+            response = await client.get(f"{replica.url}/health", timeout=timeout)
+            if response.status_code == 404:
+                response = await client.get(f"{replica.url}/v1/models", timeout=timeout)
+            up = response.status_code == 200
+        except httpx.HTTPError:
+            up = False
+        if up != replica.up:
+            log.warning("upstream replica %s is %s", replica.url, "up" if up else "down")
+        replica.up = up
+
+    async def _discover_context(self, client: httpx.AsyncClient) -> int | None:
+        for replica in self._replicas:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                response = await client.get(f"{replica.url}/v1/models")
+                for card in response.json()["data"]:
+                    if card.get("id") == self._name and card.get("max_model_len"):
+                        return int(card["max_model_len"])
+        if any(replica.up for replica in self._replicas):
+            log.error("upstream %s reports no max_model_len for %r: set context_size in the config",
+                      self._name, self._name)  # fmt: skip
+        return None
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EngineNotReady()
+        return self._client
+
+
+def _finished(choice: dict[str, Any]) -> Finished | None:
+    reason = choice.get("finish_reason")
+    if reason is None:
+        return None
+    if reason == "length":
+        return Finished("max_tokens", 0, 0)
+    stop = choice.get("stop_reason")
+    if isinstance(stop, str):  # vLLM names the stop string it matched
+        return Finished("stop_sequence", 0, 0, stop=stop)
+    return Finished("end_of_sequence", 0, 0)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+
+
+def _error_message(detail: str) -> str:
+    try:
+        body = json.loads(detail)
+    except ValueError:
+        return detail[:500]
+    error = body.get("error", body) if isinstance(body, dict) else body
+    message = error.get("message", detail) if isinstance(error, dict) else str(error)
+    return str(message)[:500]
