@@ -93,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 32 MiB)")
     serve.add_argument(
+        "--max-prompt-chars", type=int, help="longer prompts get 400 before they are tokenized (default 4 Mi)"
+    )
+    serve.add_argument("--max-stop-sequences", type=int, help="more stop_sequences get 400 (default 64)")
+    serve.add_argument("--max-stop-chars", type=int, help="a longer stop sequence gets 400 (default 1024)")
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        dest="cors_origins",
+        metavar="ORIGIN",
+        help="allow browser requests from this origin (repeat; env TCSERVE_CORS_ORIGINS=a,b); default: CORS off",
+    )
+    serve.add_argument(
         "--ping-interval",
         type=float,
         help="seconds of silence before a stream gets a ping event (default 15)",
@@ -147,7 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tcserve.api.server import serve
 
     flags = ("host", "port", "config", "api_keys", "model_path", "ctx_size", "threads", "parallel", "max_queue",
-             "prefix_cache", "shutdown_timeout", "max_body_bytes", "ping_interval", "log_level")  # fmt: skip
+             "prefix_cache", "shutdown_timeout", "max_body_bytes", "max_prompt_chars", "max_stop_sequences",
+             "max_stop_chars", "cors_origins", "ping_interval", "log_level")  # fmt: skip
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     try:
         settings = Settings(**given)

@@ -119,11 +119,15 @@ class Settings(BaseSettings):
     prefix_cache: bool | None = None
     shutdown_timeout: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(32 * MiB, ge=1)
+    max_prompt_chars: int = Field(4 * MiB, ge=1)
+    max_stop_sequences: int = Field(64, ge=0)
+    max_stop_chars: int = Field(1024, ge=1)
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     ping_interval: float = Field(15.0, gt=0)
     seed_model_ids: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):  # TCSERVE_API_KEYS=key1,key2

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from tcserve import __version__
@@ -82,6 +83,15 @@ def create_app(
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, keys=settings.api_keys)
+    if settings.cors_origins:
+        # Outside authentication: a browser's preflight carries no key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["x-api-key", "authorization", "anthropic-version", "anthropic-beta", "content-type"],
+            expose_headers=["request-id", "retry-after"],
+        )
     app.add_middleware(RequestContext)
     return app
 

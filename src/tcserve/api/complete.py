@@ -28,7 +28,7 @@ from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import server_state
 from tcserve.completions import CompletionEvent, Done, check_context, complete
-from tcserve.config import ServedModel
+from tcserve.config import ServedModel, Settings
 from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
 
@@ -59,6 +59,7 @@ async def create_completion(request: Request) -> Response:
     state = server_state(request)
     request_id = request_id_of(request.scope)
     wire = parse_completion_request(await request.body())
+    check_limits(wire, state.settings)
     model = state.catalog.resolve(wire.model).served_by
     generation = to_generation_request(wire, model, request_id)
     engine = state.ready_engine(model.name)
@@ -104,6 +105,18 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         return CompletionRequest.model_validate(data)
     except ValidationError as error:
         raise InvalidRequestError(validation_message(error.errors())) from None
+
+
+def check_limits(wire: CompletionRequest, settings: Settings) -> None:
+    """Caps that protect the process: a huge prompt costs CPU to tokenize before the
+    context check can refuse it, and every stop sequence is matched at every token."""
+    if len(wire.prompt) > settings.max_prompt_chars:
+        raise InvalidRequestError(f"prompt: at most {settings.max_prompt_chars} characters are accepted")
+    stops = wire.stop_sequences or []
+    if len(stops) > settings.max_stop_sequences:
+        raise InvalidRequestError(f"stop_sequences: at most {settings.max_stop_sequences} are accepted")
+    if any(len(stop) > settings.max_stop_chars for stop in stops):
+        raise InvalidRequestError(f"stop_sequences: each may have at most {settings.max_stop_chars} characters")
 
 
 def _reject_constant(name: str) -> None:
