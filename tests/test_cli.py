@@ -25,8 +25,11 @@ WRONG_KEY = "sk-cli-wrong-456"
 def test_every_flag_has_help() -> None:
     parser = _parser()
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"serve", "models", "complete"}
-    for name, command in commands.items():
+    assert set(commands) == {"serve", "models", "complete", "keys"}
+    parsers = dict(commands)
+    actions = commands["keys"]._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    parsers.update({f"keys {name}": parser for name, parser in actions.items()})
+    for name, command in parsers.items():
         for action in command._actions:
             assert action.help, f"tcserve {name} {action.option_strings} has no help"
     serve_help = commands["serve"].format_help()

@@ -22,6 +22,7 @@ from tcserve.config import (
     Settings,
     load_models,
 )
+from tcserve.keys import KeyRecord, digest, new_key, read_keys, write_keys
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="accept this key in x-api-key or Authorization: Bearer; repeat for several "
         "(env TCSERVE_API_KEYS=k1,k2); with none the server is open",
+    )
+    serve.add_argument(
+        "--keys-file",
+        type=Path,
+        help="named keys with model permissions and per-minute limits (see `tcserve keys`; env TCSERVE_KEYS_FILE)",
     )
     serve.add_argument(
         "--model-path",
@@ -114,6 +120,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+    keys = commands.add_parser("keys", help="add, list or revoke API keys in a keys file", description=_KEYS_HELP)
+    keys.add_argument("--keys-file", type=Path, required=True, help="the TOML keys file (created if missing)")
+    key_commands = keys.add_subparsers(title="actions", required=True, metavar="ACTION", help="what to do")
+    add = key_commands.add_parser("add", help="create a key and print it (once)")
+    add.add_argument("name", help="a name for the key, shown in logs and usage")
+    add.add_argument("--model", action="append", dest="models", help="allow only this model id (repeat); default: all")
+    add.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
+    add.add_argument("--input-tpm", type=int, help="input tokens per minute (default: no limit)")
+    add.add_argument("--output-tpm", type=int, help="output tokens per minute (default: no limit)")
+    add.set_defaults(run=_keys_add)
+    listing = key_commands.add_parser("list", help="list the keys (names and limits, never the keys)")
+    listing.set_defaults(run=_keys_list)
+    revoke = key_commands.add_parser("revoke", help="delete a key")
+    revoke.add_argument("name", help="the key's name")
+    revoke.set_defaults(run=_keys_revoke)
+
     models = commands.add_parser("models", help="list the models of a running server")
     _client_flags(models)
     models.set_defaults(run=_models)
@@ -138,9 +160,53 @@ _SERVE_HELP = """Start the server. Flags override TCSERVE_* variables, which ove
 Without --config the server has one model, the packaged Gemma 3 270M (or --model-path),
 which also answers every Claude model id of the seed list."""
 
+_KEYS_HELP = """Manage the keys file that `tcserve serve --keys-file` reads. Keys are stored as
+SHA-256 hashes; `add` prints the new key once. Restart the server to apply changes."""
+
 _COMPLETE_HELP = """Stream a completion from a running tcserve to the terminal. A bare prompt is
 wrapped as "\\n\\nHuman: PROMPT\\n\\nAssistant:". Like the SDKs, it reads ANTHROPIC_BASE_URL
 and ANTHROPIC_API_KEY."""
+
+
+def _keys_add(args: argparse.Namespace) -> int:
+    records = read_keys(args.keys_file)
+    if any(record.name == args.name for record in records):
+        raise ConfigError(f"a key named {args.name!r} exists already; revoke it first")
+    key = new_key()
+    record = KeyRecord(
+        name=args.name,
+        sha256=digest(key),
+        models=tuple(args.models) if args.models else None,
+        requests_per_minute=args.rpm,
+        input_tokens_per_minute=args.input_tpm,
+        output_tokens_per_minute=args.output_tpm,
+    )
+    write_keys(args.keys_file, [*records, record])
+    print(key)
+    print(
+        f"(key {args.name!r} added to {args.keys_file}; it is not stored and will not be shown again)", file=sys.stderr
+    )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    for record in read_keys(args.keys_file):
+        models = ",".join(record.models) if record.models else "all models"
+        limits = [f"{value} {unit}" for value, unit in ((record.requests_per_minute, "req/min"),
+                  (record.input_tokens_per_minute, "input tok/min"),
+                  (record.output_tokens_per_minute, "output tok/min")) if value]  # fmt: skip
+        print(f"{record.name:<20} {record.sha256[:12]}…  {models}  {', '.join(limits) or 'no limits'}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    records = read_keys(args.keys_file)
+    kept = [record for record in records if record.name != args.name]
+    if len(kept) == len(records):
+        raise ConfigError(f"no key named {args.name!r} in {args.keys_file}")
+    write_keys(args.keys_file, kept)
+    print(f"revoked {args.name!r}", file=sys.stderr)
+    return 0
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
@@ -158,10 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tcserve.api.app import create_app
     from tcserve.api.server import serve
 
-    flags = ("host", "port", "config", "api_keys", "model_path", "ctx_size", "threads", "parallel", "max_queue",
-             "prefix_cache", "shutdown_timeout", "max_body_bytes", "max_prompt_chars", "max_stop_sequences",
-             "max_stop_chars", "cors_origins", "ping_interval", "log_level")  # fmt: skip
-    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    # Every serve flag is named after its Settings field.
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     try:
         settings = Settings(**given)
     except ValidationError as error:

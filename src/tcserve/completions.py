@@ -31,6 +31,8 @@ class Done:
     text: str
     stop_reason: StopReason
     stop: str | None
+    output_tokens: int = 0
+    """Tokens the engine generated for this completion (for per-key output limits)."""
 
 
 CompletionEvent = Chunk | Done
@@ -55,18 +57,21 @@ async def complete(engine: Engine, request: GenerationRequest) -> AsyncGenerator
 
 
 async def _run(events: AsyncIterator[EngineEvent], matcher: StopMatcher) -> AsyncGenerator[CompletionEvent, None]:
+    pieces = 0
     try:
         async for event in events:
             if isinstance(event, TextDelta):
+                pieces += 1
                 released = matcher.feed(event.text)
                 if isinstance(released, StopMatch):
-                    yield Done(released.text_before, "stop_sequence", released.stop)
+                    yield Done(released.text_before, "stop_sequence", released.stop, pieces)
                     return
                 if released:
                     yield Chunk(released)
             elif isinstance(event, Finished):
                 reason: StopReason = "max_tokens" if event.reason == "max_tokens" else "stop_sequence"
-                yield Done(matcher.flush(), reason, event.stop if event.reason == "stop_sequence" else None)
+                stop = event.stop if event.reason == "stop_sequence" else None
+                yield Done(matcher.flush(), reason, stop, max(event.completion_tokens, pieces))
                 return
         raise EngineFailure("engine stream ended without a Finished event")
     finally:

@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     config: Path | None = None
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    keys_file: Path | None = None
     model_path: Path | None = None
     ctx_size: int | None = Field(None, ge=16)
     threads: int | None = Field(None, ge=1)

@@ -6,6 +6,7 @@
     │   └── ContextOverflow   prompt + max_tokens_to_sample exceed the context
     ├── ModelNotFound         no model answers to that id
     ├── Overloaded            no room now; try again after `retry_after` seconds
+    ├── RateLimited           the caller's key is over a per-minute limit
     ├── EngineNotReady        the model is still loading
     ├── ModelUnavailable      the model failed to load and will not serve
     └── EngineFailure         the engine broke; the detail is for the log only
@@ -49,6 +50,12 @@ class Overloaded(TCServeError):
     def __init__(self, message: str = "Overloaded", retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class RateLimited(TCServeError):
+    def __init__(self, what: str, retry_after: float) -> None:
+        super().__init__(f"rate limit exceeded: {what} per minute")
+        self.retry_after = retry_after
 
 
 class EngineNotReady(TCServeError):

@@ -37,6 +37,8 @@ from tcserve.config import ServedModel, Settings, load_models
 from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError
+from tcserve.keys import KeyRing, read_keys, unlimited
+from tcserve.limits import Limiter
 
 log = logging.getLogger("tcserve")
 
@@ -52,11 +54,12 @@ def create_app(
     served = list(model_table) if model_table is not None else load_models(settings)
     created = {model.name: model_file_date(model) or datetime.now(UTC) for model in served}
     catalog = Catalog.build(served, created, seed_ids=settings.seed_model_ids)
+    limiter = Limiter()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = {model.name: engine_factory(model) for model in served}
-        state = ServerState(settings, catalog, engines, Metrics(engines))
+        state = ServerState(settings, catalog, engines, Metrics(engines), limiter)
         app.state.tcserve = state
         _warn_if_open(settings)
         background = [asyncio.create_task(_load(state, name)) for name in engines]
@@ -82,7 +85,7 @@ def create_app(
     _install_error_handlers(app)
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Authenticate, keys=settings.api_keys)
+    app.add_middleware(Authenticate, keys=key_ring(settings), limiter=limiter)
     if settings.cors_origins:
         # Outside authentication: a browser's preflight carries no key.
         app.add_middleware(
@@ -146,8 +149,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
 
 
+def key_ring(settings: Settings) -> KeyRing:
+    """Keys from the keys file (named, with permissions and limits) and from the
+    command line (unlimited)."""
+    records = read_keys(settings.keys_file) if settings.keys_file else []
+    records += [unlimited(key, index) for index, key in enumerate(settings.api_keys, start=1)]
+    return KeyRing(records)
+
+
 def _warn_if_open(settings: Settings) -> None:
-    if settings.api_keys or _is_loopback(settings.host):
+    if settings.api_keys or settings.keys_file or _is_loopback(settings.host):
         return
     log.warning(
         "no API key is set and the server listens on %s: anyone who can reach it can use it "

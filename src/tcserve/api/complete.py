@@ -21,16 +21,23 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from tcserve import prompt
 from tcserve.api import sse
 from tcserve.api.disconnect import ClientDisconnected, until_disconnected
-from tcserve.api.errors import InvalidRequestError, error_event_data, to_api_error, validation_message
+from tcserve.api.errors import (
+    InvalidRequestError,
+    PermissionDeniedError,
+    error_event_data,
+    to_api_error,
+    validation_message,
+)
 from tcserve.api.headers import require_version
-from tcserve.api.middleware import request_id_of
+from tcserve.api.middleware import key_of, request_id_of
 from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import Completion, CompletionRequest
-from tcserve.api.state import server_state
+from tcserve.api.state import ServerState, server_state
 from tcserve.completions import CompletionEvent, Done, check_context, complete
 from tcserve.config import ServedModel, Settings
 from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
+from tcserve.keys import KeyRecord
 
 router = APIRouter()
 
@@ -61,11 +68,16 @@ async def create_completion(request: Request) -> Response:
     wire = parse_completion_request(await request.body())
     check_limits(wire, state.settings)
     model = state.catalog.resolve(wire.model).served_by
+    key = key_of(request.scope)
+    if key is not None and not key.allows(wire.model):
+        raise PermissionDeniedError(f"API key {key.name!r} may not use model {wire.model!r}")
     generation = to_generation_request(wire, model, request_id)
     engine = state.ready_engine(model.name)
-    await check_context(engine, generation)
-    ttft = state.metrics.time_to_first_token.labels(model.name)
-    events = first_text_timed(await complete(engine, generation), lambda: ttft.observe(time.monotonic() - arrived))
+    prompt_tokens = await check_context(engine, generation)
+    if key is not None:
+        state.limiter.admit(key, prompt_tokens)
+    accounting = _Accounting(state, model.name, key, arrived)
+    events = observed(await complete(engine, generation), accounting.first_text, accounting.done)
     completion_id = new_id("compl")
     if wire.stream:
         frames = sse_frames(events, completion_id, wire.model, request_id)
@@ -81,16 +93,36 @@ async def create_completion(request: Request) -> Response:
     return JSONResponse(body)
 
 
-async def first_text_timed(
-    events: AsyncGenerator[CompletionEvent, None], on_first: Callable[[], None]
+class _Accounting:
+    """What the end of a completion updates: time to first token, the key's output tokens."""
+
+    def __init__(self, state: ServerState, model_name: str, key: KeyRecord | None, arrived: float) -> None:
+        self._ttft = state.metrics.time_to_first_token.labels(model_name)
+        self._limiter = state.limiter
+        self._key = key
+        self._arrived = arrived
+
+    def first_text(self) -> None:
+        self._ttft.observe(time.monotonic() - self._arrived)
+
+    def done(self, done: Done) -> None:
+        if self._key is not None:
+            self._limiter.charge_output(self._key, done.output_tokens)
+
+
+async def observed(
+    events: AsyncGenerator[CompletionEvent, None], on_first_text: Callable[[], None], on_done: Callable[[Done], None]
 ) -> AsyncGenerator[CompletionEvent, None]:
-    """Pass events through, calling `on_first` at the first text (or the end)."""
+    """Pass events through, calling `on_first_text` at the first text (or the end)
+    and `on_done` at the end."""
     waiting = True
     async with aclosing(events):
         async for event in events:
             if waiting and (event.text or isinstance(event, Done)):
                 waiting = False
-                on_first()
+                on_first_text()
+            if isinstance(event, Done):
+                on_done(event)
             yield event
 
 

@@ -15,10 +15,8 @@ and so that streaming responses pass through untouched.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from collections.abc import Iterable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,6 +29,8 @@ from tcserve.api.errors import (
     to_api_error,
 )
 from tcserve.ids import new_id
+from tcserve.keys import KeyRecord, KeyRing
+from tcserve.limits import Limiter
 from tcserve.logs import request_id_var
 
 log = logging.getLogger("tcserve.access")
@@ -83,28 +83,43 @@ class RequestContext:
 
 
 class Authenticate:
-    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
+    """Finds the caller's key (by SHA-256, compared in constant time with every
+    stored hash), puts its record in the scope for permission and limit checks,
+    and adds the key's `anthropic-ratelimit-*` headers to every response."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing, limiter: Limiter) -> None:
         self.app = app
-        self.keys = tuple(key.encode() for key in keys)
+        self.keys = keys
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         presented = _presented_key(Headers(scope=scope))
+        record = None if presented is None else self.keys.find(presented)
         if presented is None:
             await send_error(scope, receive, send, AuthenticationError("x-api-key header is required"))
-        elif not self._matches(presented.encode()):
+        elif record is None:
             await send_error(scope, receive, send, AuthenticationError("invalid x-api-key"))
         else:
-            await self.app(scope, receive, send)
+            scope.setdefault("state", {})["key"] = record
+            await self.app(scope, receive, self._with_limit_headers(send, record))
 
-    def _matches(self, presented: bytes) -> bool:
-        # Compare with every key, in constant time each, so timing reveals neither which nor how much.
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(presented, key)
-        return matched
+    def _with_limit_headers(self, send: Send, record: KeyRecord) -> Send:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in self.limiter.headers(record).items():
+                    headers[name] = value
+            await send(message)
+
+        return send_with_headers
+
+
+def key_of(scope: Scope) -> KeyRecord | None:
+    record: KeyRecord | None = scope.get("state", {}).get("key")
+    return record
 
 
 def _presented_key(headers: Headers) -> str | None:

@@ -12,6 +12,7 @@ from tcserve.catalog import Catalog
 from tcserve.config import Settings
 from tcserve.engines.base import Engine
 from tcserve.errors import EngineNotReady, ModelUnavailable, Overloaded
+from tcserve.limits import Limiter
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ServerState:
     engines: dict[str, Engine]
     """Keyed by the configured model's name."""
     metrics: Metrics
+    limiter: Limiter
     load_failures: dict[str, str] = field(default_factory=dict)
     """Models whose engine failed to start, and why (for the log and /health)."""
     draining: bool = False

@@ -1,0 +1,121 @@
+"""Per-key limits on requests, input tokens and output tokens per minute.
+
+Each limit is a token bucket that holds one minute's allowance and refills
+continuously, so a key may burst up to its limit and then proceeds at the
+limit's pace. A request is admitted when every bucket can pay for it: one
+request, its prompt tokens, and at least one output token (output is charged
+as it is produced, at the end, and may run the bucket into debt, which later
+requests wait out). Lives on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from tcserve.errors import RateLimited
+from tcserve.keys import KeyRecord
+
+WINDOW = 60.0
+
+
+@dataclass
+class Bucket:
+    limit: int
+    level: float = -1.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            self.level = float(self.limit)
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.limit, self.level + (now - self.updated) * self.limit / WINDOW)
+        self.updated = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` is available (0 when it is now)."""
+        return max(0.0, (amount - self.level) * WINDOW / self.limit)
+
+    def seconds_to_full(self) -> float:
+        return self.wait_for(self.limit)
+
+
+@dataclass
+class _KeyBuckets:
+    requests: Bucket | None
+    input: Bucket | None
+    output: Bucket | None
+
+    def all(self) -> list[tuple[str, Bucket]]:
+        named = (("requests", self.requests), ("input-tokens", self.input), ("output-tokens", self.output))
+        return [(name, bucket) for name, bucket in named if bucket is not None]
+
+
+class Limiter:
+    def __init__(self) -> None:
+        self._keys: dict[str, _KeyBuckets] = {}
+
+    def admit(self, key: KeyRecord, input_tokens: int) -> None:
+        """Take one request and the prompt's tokens, or raise `RateLimited` (taking nothing)."""
+        buckets = self._buckets(key)
+        now = time.monotonic()
+        needs = {"requests": 1.0, "input-tokens": float(input_tokens), "output-tokens": 1.0}
+        waits = []
+        for name, bucket in buckets.all():
+            bucket.refill(now)
+            if needs[name] > bucket.limit:
+                raise RateLimited(f"{needs[name]:.0f} {name} exceed the key's {bucket.limit}", retry_after=WINDOW)
+            waits.append((bucket.wait_for(needs[name]), name))
+        wait, name = max(waits, default=(0.0, ""))
+        if wait > 0:
+            raise RateLimited(name, retry_after=wait)
+        for name, bucket in buckets.all():
+            if name != "output-tokens":
+                bucket.level -= needs[name]
+
+    def charge_output(self, key: KeyRecord, tokens: int) -> None:
+        buckets = self._buckets(key)
+        if buckets.output is not None:
+            buckets.output.refill(time.monotonic())
+            buckets.output.level -= tokens
+
+    def headers(self, key: KeyRecord) -> dict[str, str]:
+        """`anthropic-ratelimit-*` headers for a key with limits ({} for an unlimited key)."""
+        buckets = self._buckets(key)
+        now = time.monotonic()
+        headers: dict[str, str] = {}
+        token_buckets = []
+        for name, bucket in buckets.all():
+            bucket.refill(now)
+            headers.update(_bucket_headers(name, bucket, bucket.level, bucket.seconds_to_full()))
+            if name != "requests":
+                token_buckets.append(bucket)
+        if token_buckets:  # tokens-*: the most restrictive of the token limits
+            tightest = min(token_buckets, key=lambda b: b.level)
+            headers.update(_bucket_headers("tokens", tightest, tightest.level, tightest.seconds_to_full()))
+        return headers
+
+    def _buckets(self, key: KeyRecord) -> _KeyBuckets:
+        if key.name not in self._keys:
+            self._keys[key.name] = _KeyBuckets(
+                requests=_bucket(key.requests_per_minute),
+                input=_bucket(key.input_tokens_per_minute),
+                output=_bucket(key.output_tokens_per_minute),
+            )
+        return self._keys[key.name]
+
+
+def _bucket(limit: int | None) -> Bucket | None:
+    return None if limit is None else Bucket(limit)
+
+
+def _bucket_headers(name: str, bucket: Bucket, level: float, to_full: float) -> dict[str, str]:
+    reset = datetime.fromtimestamp(time.time() + to_full, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    prefix = f"anthropic-ratelimit-{name}"
+    return {
+        f"{prefix}-limit": str(bucket.limit),
+        f"{prefix}-remaining": str(max(0, int(level))),
+        f"{prefix}-reset": reset,
+    }

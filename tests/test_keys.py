@@ -1,0 +1,125 @@
+"""Per-key access: a keys file of hashes, model permissions (403), per-minute limits
+(429 + retry-after) and the anthropic-ratelimit-* headers; the `tcserve keys` command."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support import PROMPT, VERSION, fake_model, serve_app, settings
+from tcserve.api.app import create_app
+from tcserve.cli import main
+from tcserve.keys import KeyRecord, digest, read_keys, write_keys
+
+CLI_KEY = "sk-cli-unlimited"
+
+
+def body(**overrides: object) -> dict[str, object]:
+    return {"model": "fake", "prompt": PROMPT, "max_tokens_to_sample": 3, **overrides}
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, [
+        KeyRecord(name="only-fake", sha256=digest("sk-only-fake"), models=("fake",)),
+        KeyRecord(name="two-per-minute", sha256=digest("sk-two"), requests_per_minute=2),
+        KeyRecord(name="small-input", sha256=digest("sk-small-input"), input_tokens_per_minute=40),
+        KeyRecord(name="small-output", sha256=digest("sk-small-output"), output_tokens_per_minute=4),
+    ])  # fmt: skip
+    app = create_app(settings(keys_file=keys, api_keys=(CLI_KEY,)), [fake_model(reply=" one two three four")])
+    with serve_app(app) as url:
+        yield url, keys
+
+
+def post(url: str, key: str, **overrides: object) -> httpx.Response:
+    return httpx.post(f"{url}/v1/complete", headers={**VERSION, "x-api-key": key}, json=body(**overrides))
+
+
+def test_a_key_limited_to_one_model_gets_403_for_another(keyed: tuple[str, Path]) -> None:
+    url, _ = keyed
+    assert post(url, "sk-only-fake").status_code == 200
+    denied = post(url, "sk-only-fake", model="claude-opus-4-6")
+    assert denied.status_code == 403
+    assert denied.json()["error"] == {
+        "type": "permission_error",
+        "message": "API key 'only-fake' may not use model 'claude-opus-4-6'",
+    }
+
+
+def test_requests_per_minute(keyed: tuple[str, Path]) -> None:
+    url, _ = keyed
+    first, second, third = (post(url, "sk-two") for _ in range(3))
+    assert first.status_code == second.status_code == 200
+    assert first.headers["anthropic-ratelimit-requests-limit"] == "2"
+    assert first.headers["anthropic-ratelimit-requests-remaining"] == "1"
+    assert second.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert third.status_code == 429
+    assert third.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(third.headers["retry-after"]) <= 30
+    assert third.headers["anthropic-ratelimit-requests-remaining"] == "0"  # on errors too
+    assert third.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+
+
+def test_input_tokens_per_minute(keyed: tuple[str, Path]) -> None:
+    url, _ = keyed
+    # The fake engine counts one token per character: PROMPT is 36 tokens of the 40 allowed.
+    assert post(url, "sk-small-input").status_code == 200
+    refused = post(url, "sk-small-input")
+    assert refused.status_code == 429 and "input-tokens" in refused.json()["error"]["message"]
+    assert refused.headers["anthropic-ratelimit-input-tokens-limit"] == "40"
+    too_big = post(url, "sk-small-input", prompt=PROMPT + " and much more" * 10)
+    assert too_big.status_code == 429 and too_big.headers["retry-after"] == "60"
+
+
+def test_output_tokens_per_minute_are_charged_as_produced(keyed: tuple[str, Path]) -> None:
+    url, _ = keyed
+    assert post(url, "sk-small-output", max_tokens_to_sample=4).status_code == 200  # uses all 4
+    refused = post(url, "sk-small-output")
+    assert refused.status_code == 429 and "output-tokens" in refused.json()["error"]["message"]
+    assert refused.headers["anthropic-ratelimit-output-tokens-remaining"] == "0"
+    assert refused.headers["anthropic-ratelimit-tokens-remaining"] == "0"
+
+
+def test_command_line_keys_stay_unlimited(keyed: tuple[str, Path]) -> None:
+    url, _ = keyed
+    responses = [post(url, CLI_KEY, model="claude-opus-4-6") for _ in range(5)]
+    assert all(r.status_code == 200 for r in responses)
+    assert not [h for h in responses[-1].headers if h.startswith("anthropic-ratelimit")]
+
+
+def test_unknown_and_missing_keys_are_401(keyed: tuple[str, Path]) -> None:
+    url, _ = keyed
+    assert post(url, "sk-nope").status_code == 401
+    assert httpx.post(f"{url}/v1/complete", headers=VERSION, json=body()).status_code == 401
+
+
+def test_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys.toml"
+    assert main(["keys", "--keys-file", str(keys), "add", "alice", "--model", "fake", "--rpm", "10"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-tc-") and len(key) > 40
+    text = keys.read_text()
+    assert key not in text and digest(key) in text
+    assert keys.stat().st_mode & 0o077 == 0  # only the owner can read the hashes
+    (record,) = read_keys(keys)
+    assert (record.name, record.models, record.requests_per_minute) == ("alice", ("fake",), 10)
+    assert main(["keys", "--keys-file", str(keys), "add", "alice"]) == 2  # names are unique
+    assert main(["keys", "--keys-file", str(keys), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "alice" in listing and "10 req/min" in listing and key not in listing
+    assert main(["keys", "--keys-file", str(keys), "revoke", "alice"]) == 0
+    assert read_keys(keys) == []
+    assert main(["keys", "--keys-file", str(keys), "revoke", "alice"]) == 2
+
+
+def test_a_key_added_by_the_command_works_on_the_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys.toml"
+    main(["keys", "--keys-file", str(keys), "add", "bob"])
+    key = capsys.readouterr().out.strip()
+    with serve_app(create_app(settings(keys_file=keys), [fake_model()])) as url:
+        assert post(url, key).status_code == 200
+        assert post(url, key[:-1] + "x").status_code == 401
