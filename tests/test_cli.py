@@ -25,7 +25,7 @@ WRONG_KEY = "sk-cli-wrong-456"
 def test_every_flag_has_help() -> None:
     parser = _parser()
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"serve", "models", "complete", "keys"}
+    assert set(commands) == {"serve", "models", "complete", "keys", "usage"}
     parsers = dict(commands)
     actions = commands["keys"]._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     parsers.update({f"keys {name}": parser for name, parser in actions.items()})

@@ -23,6 +23,7 @@ from tcserve.config import (
     load_models,
 )
 from tcserve.keys import KeyRecord, digest, new_key, read_keys, write_keys
+from tcserve.ledger import totals
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="accept this key in x-api-key or Authorization: Bearer; repeat for several "
         "(env TCSERVE_API_KEYS=k1,k2); with none the server is open",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder for the usage ledger (usage.sqlite3); without it nothing is recorded (env TCSERVE_DATA_DIR)",
     )
     serve.add_argument(
         "--keys-file",
@@ -136,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name", help="the key's name")
     revoke.set_defaults(run=_keys_revoke)
 
+    usage = commands.add_parser("usage", help="print usage totals per key and model from the ledger")
+    usage.add_argument("--data-dir", type=Path, required=True, help="the server's --data-dir")
+    usage.add_argument("--since", help="from this time on (ISO 8601, UTC; e.g. 2026-11-01)")
+    usage.add_argument("--until", help="before this time (ISO 8601, UTC)")
+    usage.set_defaults(run=_usage)
+
     models = commands.add_parser("models", help="list the models of a running server")
     _client_flags(models)
     models.set_defaults(run=_models)
@@ -206,6 +218,17 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         raise ConfigError(f"no key named {args.name!r} in {args.keys_file}")
     write_keys(args.keys_file, kept)
     print(f"revoked {args.name!r}", file=sys.stderr)
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    path = args.data_dir / "usage.sqlite3"
+    if not path.exists():
+        raise ConfigError(f"no usage ledger in {args.data_dir}")
+    rows = totals(path, args.since, args.until)
+    print(f"{'key':<20} {'model':<32} {'requests':>9} {'input tokens':>13} {'output tokens':>14}")
+    for key, model, requests, input_tokens, output_tokens in rows:
+        print(f"{key:<20} {model:<32} {requests:>9} {input_tokens:>13} {output_tokens:>14}")
     return 0
 
 

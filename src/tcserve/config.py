@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     config: Path | None = None
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     keys_file: Path | None = None
+    data_dir: Path | None = None
     model_path: Path | None = None
     ctx_size: int | None = Field(None, ge=16)
     threads: int | None = Field(None, ge=1)

@@ -38,6 +38,7 @@ from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError
 from tcserve.keys import KeyRing, read_keys, unlimited
+from tcserve.ledger import Ledger
 from tcserve.limits import Limiter
 
 log = logging.getLogger("tcserve")
@@ -59,7 +60,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = {model.name: engine_factory(model) for model in served}
-        state = ServerState(settings, catalog, engines, Metrics(engines), limiter)
+        ledger = Ledger(settings.data_dir / "usage.sqlite3") if settings.data_dir else None
+        state = ServerState(settings, catalog, engines, Metrics(engines), limiter, ledger)
         app.state.tcserve = state
         _warn_if_open(settings)
         background = [asyncio.create_task(_load(state, name)) for name in engines]
@@ -71,6 +73,8 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await state.close_engines()
+            if ledger is not None:
+                await asyncio.to_thread(ledger.close)
 
     app = FastAPI(
         title="tcserve",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -38,6 +38,7 @@ from tcserve.config import ServedModel, Settings
 from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
 from tcserve.keys import KeyRecord
+from tcserve.ledger import Usage, now_iso
 
 router = APIRouter()
 
@@ -76,8 +77,8 @@ async def create_completion(request: Request) -> Response:
     prompt_tokens = await check_context(engine, generation)
     if key is not None:
         state.limiter.admit(key, prompt_tokens)
-    accounting = _Accounting(state, model.name, key, arrived)
-    events = observed(await complete(engine, generation), accounting.first_text, accounting.done)
+    accounting = _Accounting(state, request_id, wire.model, key, prompt_tokens, arrived)
+    events = accounted(await complete(engine, generation), accounting)
     completion_id = new_id("compl")
     if wire.stream:
         frames = sse_frames(events, completion_id, wire.model, request_id)
@@ -94,36 +95,68 @@ async def create_completion(request: Request) -> Response:
 
 
 class _Accounting:
-    """What the end of a completion updates: time to first token, the key's output tokens."""
+    """What a completion's end updates: time to first token, the key's output
+    tokens, and the usage ledger, whose row is committed before the final event."""
 
-    def __init__(self, state: ServerState, model_name: str, key: KeyRecord | None, arrived: float) -> None:
-        self._ttft = state.metrics.time_to_first_token.labels(model_name)
-        self._limiter = state.limiter
+    def __init__(
+        self, state: ServerState, request_id: str, model: str, key: KeyRecord | None, prompt_tokens: int, arrived: float
+    ) -> None:
+        self._state = state
+        self._ttft = state.metrics.time_to_first_token.labels(state.catalog.resolve(model).served_by.name)
+        self._request_id = request_id
+        self._model = model
         self._key = key
+        self._prompt_tokens = prompt_tokens
         self._arrived = arrived
+        self._started_at = now_iso()
 
     def first_text(self) -> None:
         self._ttft.observe(time.monotonic() - self._arrived)
 
-    def done(self, done: Done) -> None:
+    async def finished(self, done: Done) -> None:
+        self._charge(done.output_tokens)
+        if self._state.ledger is not None:
+            await self._state.ledger.record(self._usage("complete", done.stop_reason, done.output_tokens))
+
+    def ended_early(self, status: str, output_tokens: int) -> None:
+        """Cancelled or failed: recorded without waiting (there may be nobody to answer)."""
+        self._charge(output_tokens)
+        if self._state.ledger is not None:
+            self._state.ledger.submit(self._usage(status, None, output_tokens))
+
+    def _charge(self, output_tokens: int) -> None:
         if self._key is not None:
-            self._limiter.charge_output(self._key, done.output_tokens)
+            self._state.limiter.charge_output(self._key, output_tokens)
+
+    def _usage(self, status: str, stop_reason: str | None, output_tokens: int) -> Usage:
+        key_name = self._key.name if self._key else None
+        return Usage(self._request_id, key_name, self._model, self._prompt_tokens, output_tokens, stop_reason,
+                     status, self._started_at, now_iso())  # fmt: skip
 
 
-async def observed(
-    events: AsyncGenerator[CompletionEvent, None], on_first_text: Callable[[], None], on_done: Callable[[Done], None]
+async def accounted(
+    events: AsyncGenerator[CompletionEvent, None], accounting: _Accounting
 ) -> AsyncGenerator[CompletionEvent, None]:
-    """Pass events through, calling `on_first_text` at the first text (or the end)
-    and `on_done` at the end."""
-    waiting = True
-    async with aclosing(events):
-        async for event in events:
-            if waiting and (event.text or isinstance(event, Done)):
-                waiting = False
-                on_first_text()
-            if isinstance(event, Done):
-                on_done(event)
-            yield event
+    """Pass events through to the wire, with the accounting at the first text and at the end."""
+    waiting, finished, pieces = True, False, 0
+    try:
+        async with aclosing(events):
+            async for event in events:
+                pieces += 1
+                if waiting and (event.text or isinstance(event, Done)):
+                    waiting = False
+                    accounting.first_text()
+                if isinstance(event, Done):
+                    await accounting.finished(event)  # committed before the client sees the end
+                    finished = True
+                yield event
+    except Exception:
+        accounting.ended_early("failed", pieces)
+        finished = True
+        raise
+    finally:
+        if not finished:
+            accounting.ended_early("cancelled", pieces)
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:

@@ -12,6 +12,7 @@ from tcserve.catalog import Catalog
 from tcserve.config import Settings
 from tcserve.engines.base import Engine
 from tcserve.errors import EngineNotReady, ModelUnavailable, Overloaded
+from tcserve.ledger import Ledger
 from tcserve.limits import Limiter
 
 
@@ -23,6 +24,8 @@ class ServerState:
     """Keyed by the configured model's name."""
     metrics: Metrics
     limiter: Limiter
+    ledger: Ledger | None = None
+    """Where finished requests are recorded (with --data-dir)."""
     load_failures: dict[str, str] = field(default_factory=dict)
     """Models whose engine failed to start, and why (for the log and /health)."""
     draining: bool = False

@@ -1,0 +1,114 @@
+"""The usage ledger: complete, cancelled and failed requests are recorded; a request
+its client saw finish is in the ledger even when the server is killed right after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support import PROMPT, VERSION, fake_model, serve_app, settings
+from tcserve.api.app import create_app
+from tcserve.cli import main
+from tcserve.keys import KeyRecord, digest, write_keys
+
+
+def rows(data_dir: Path) -> dict[str, tuple[str, str, int, int, str, str]]:
+    with sqlite3.connect(data_dir / "usage.sqlite3") as db:
+        found = db.execute("SELECT request_id, key_name, model, input_tokens, output_tokens, status, stop_reason "
+                           "FROM usage").fetchall()  # fmt: skip
+    return {r[0]: r[1:] for r in found}
+
+
+def body(**overrides: object) -> dict[str, object]:
+    return {"model": "fake", "prompt": PROMPT, "max_tokens_to_sample": 3, **overrides}
+
+
+def test_complete_cancelled_and_failed_are_recorded(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, [KeyRecord(name="alice", sha256=digest("sk-alice"))])
+    app = create_app(settings(data_dir=tmp_path, keys_file=keys),
+                     [fake_model(reply=" one two three four five", token_delay=0.01),
+                      fake_model(name="broken", reply=" a b c", fail_after=1)])  # fmt: skip
+    headers = {**VERSION, "x-api-key": "sk-alice"}
+    with serve_app(app) as url:
+        done = httpx.post(f"{url}/v1/complete", headers=headers, json=body())
+        streamed = httpx.post(f"{url}/v1/complete", headers=headers, json=body(stream=True, model="claude-haiku-4-5"))
+        failed = httpx.post(f"{url}/v1/complete", headers=headers, json=body(model="broken"))
+        with httpx.stream("POST", f"{url}/v1/complete", headers=headers,
+                          json=body(stream=True, max_tokens_to_sample=5)) as hung_up:  # fmt: skip
+            lines = hung_up.iter_lines()
+            next(lines)
+            cancelled_id = hung_up.headers["request-id"]
+            lines.close()
+        deadline = time.monotonic() + 10
+        while cancelled_id not in rows(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    found = rows(tmp_path)
+    prompt_tokens = len(PROMPT) + 1  # the fake engine's count
+    assert found[done.headers["request-id"]] == ("alice", "fake", prompt_tokens, 3, "complete", "max_tokens")
+    assert found[streamed.headers["request-id"]][1:] == ("claude-haiku-4-5", prompt_tokens, 3, "complete", "max_tokens")
+    assert failed.status_code == 500 and found[failed.headers["request-id"]][4] == "failed"
+    assert found[cancelled_id][4] == "cancelled"
+
+
+def test_usage_command_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = create_app(settings(data_dir=tmp_path), [fake_model(reply=" a b c d")])
+    with serve_app(app) as url:
+        for _ in range(3):
+            httpx.post(f"{url}/v1/complete", headers=VERSION, json=body(max_tokens_to_sample=2))
+    assert main(["usage", "--data-dir", str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if " fake " in line)
+    assert line.split()[-3:] == ["3", str(3 * (len(PROMPT) + 1)), "6"]
+    assert main(["usage", "--data-dir", str(tmp_path), "--since", "2999-01-01"]) == 0
+    assert " fake " not in capsys.readouterr().out
+
+
+def test_kill_9_loses_no_request_the_client_saw_finish(tmp_path: Path) -> None:
+    config = tmp_path / "tcserve.toml"
+    config.write_text("[[models]]\nname = 'fake'\nengine = 'fake'\nreply = ' a b c d e f'\ntoken_delay = 0.002\n")
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tcserve", "serve", "--config", str(config), "--port", str(port),
+                                "--data-dir", str(tmp_path)], stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    seen: list[str] = []
+    try:
+        _wait_healthy(url)
+        with httpx.Client(base_url=url, headers=VERSION) as client:
+            for i in range(60):
+                response = client.post("/v1/complete", json=body(stream=i % 2 == 0, max_tokens_to_sample=4))
+                if response.status_code == 200 and '"stop_reason":"max_tokens"' in response.text.replace(" ", ""):
+                    seen.append(response.headers["request-id"])
+            os.kill(process.pid, signal.SIGKILL)  # right after the last final event
+    finally:
+        process.kill()
+        process.wait()
+    recorded = rows(tmp_path)
+    assert len(seen) == 60
+    assert [rid for rid in seen if recorded.get(rid, ("",) * 5)[4] != "complete"] == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str) -> None:
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("server did not start")
