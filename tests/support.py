@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -54,3 +58,23 @@ def _wait_ready(app: FastAPI) -> None:
 def settings(**overrides: object) -> Settings:
     """Settings for a test (conftest clears TCSERVE_* variables)."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(url: str, process: subprocess.Popen[Any] | None = None, timeout: float = 30) -> None:
+    """Wait for a server process started by a test to answer /health with 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process is None or process.poll() is None, "the server exited early"
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not become healthy")

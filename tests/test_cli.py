@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from support import VERSION, fake_model, serve_app, settings
+from support import VERSION, fake_model, free_port, serve_app, settings, wait_healthy
 from tcserve.api.app import create_app
 from tcserve.cli import _parser, main
 from tcserve.engines.fake import FakeEngine
@@ -77,7 +75,7 @@ def test_complete_reports_errors(fake_server: tuple[str, FakeEngine], capsys: py
 
 
 def test_complete_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["complete", "hi", "--base-url", f"http://127.0.0.1:{_free_port()}"]) == 1
+    assert main(["complete", "hi", "--base-url", f"http://127.0.0.1:{free_port()}"]) == 1
     assert "connection to" in capsys.readouterr().err
 
 
@@ -88,22 +86,16 @@ def test_models_lists_ids(fake_server: tuple[str, FakeEngine], capsys: pytest.Ca
     assert "claude-opus-4-6" in out and "fake" in out and len(out.splitlines()) == 22
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serve_process_logs_request_ids_and_never_keys(tmp_path: Path) -> None:
     config = tmp_path / "tcserve.toml"
     config.write_text("[[models]]\nname = 'fake'\nengine = 'fake'\n")
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tcserve", "serve", "--config", str(config), "--port", str(port),
                "--api-key", KEY]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         body = {"model": "fake", "prompt": "\n\nHuman: hi\n\nAssistant:", "max_tokens_to_sample": 3}
         ok = httpx.post(f"{url}/v1/complete", headers={**VERSION, "x-api-key": KEY}, json=body)
         denied = httpx.get(f"{url}/v1/models", headers={**VERSION, "authorization": f"Bearer {WRONG_KEY}"})
@@ -115,16 +107,3 @@ def test_serve_process_logs_request_ids_and_never_keys(tmp_path: Path) -> None:
     assert f"{denied.headers['request-id']} tcserve.access: GET /v1/models 401" in logs
     assert KEY not in logs and WRONG_KEY not in logs
     assert process.returncode == 0
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "tcserve serve exited early"
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("tcserve serve did not become healthy")

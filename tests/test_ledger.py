@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import PROMPT, VERSION, fake_model, serve_app, settings
+from support import PROMPT, VERSION, fake_model, free_port, serve_app, settings, wait_healthy
 from tcserve.api.app import create_app
 from tcserve.cli import main
 from tcserve.keys import KeyRecord, digest, write_keys
@@ -74,13 +74,13 @@ def test_usage_command_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_kill_9_loses_no_request_the_client_saw_finish(tmp_path: Path) -> None:
     config = tmp_path / "tcserve.toml"
     config.write_text("[[models]]\nname = 'fake'\nengine = 'fake'\nreply = ' a b c d e f'\ntoken_delay = 0.002\n")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "tcserve", "serve", "--config", str(config), "--port", str(port),
                                 "--data-dir", str(tmp_path)], stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     seen: list[str] = []
     try:
-        _wait_healthy(url)
+        wait_healthy(url)
         with httpx.Client(base_url=url, headers=VERSION) as client:
             for i in range(60):
                 response = client.post("/v1/complete", json=body(stream=i % 2 == 0, max_tokens_to_sample=4))
@@ -93,22 +93,3 @@ def test_kill_9_loses_no_request_the_client_saw_finish(tmp_path: Path) -> None:
     recorded = rows(tmp_path)
     assert len(seen) == 60
     assert [rid for rid in seen if recorded.get(rid, ("",) * 5)[4] != "complete"] == []
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(url: str) -> None:
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("server did not start")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import PROMPT, VERSION, fake_model, serve_app, settings
+from support import PROMPT, VERSION, fake_model, free_port, serve_app, settings, wait_healthy
 from tcserve.api.app import create_app
 from tcserve.engines.fake import FakeEngine
 
@@ -79,28 +78,16 @@ def test_metrics(slow_server: tuple[str, FakeEngine]) -> None:
     assert 'tcserve_time_to_first_token_seconds_count{model="fake"} 3.0' in text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start(tmp_path: Path, shutdown_timeout: float) -> tuple[subprocess.Popen[str], str]:
     config = tmp_path / "tcserve.toml"
     config.write_text(f"[[models]]\nname = 'fake'\nengine = 'fake'\nreply = '{SLOW['reply']}'\ntoken_delay = 0.02\n")
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tcserve", "serve", "--config", str(config), "--port", str(port),
                "--shutdown-timeout", str(shutdown_timeout)]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        assert process.poll() is None, "tcserve serve exited early"
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise AssertionError("tcserve serve did not become healthy")
+    wait_healthy(url, process)
+    return process, url
 
 
 def _events(lines: Iterator[str]) -> list[tuple[str, dict[str, object]]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import anthropic
 import httpx
 import pytest
 
-from support import serve_app, settings
+from support import free_port, serve_app, settings
 from tcserve.api.app import create_app
 from tcserve.config import UpstreamModel
 from tcserve.engines.llamacpp import default_model_path
@@ -37,17 +36,11 @@ COUNTING = f"{anthropic.HUMAN_PROMPT} List the numbers from 1 to 1000, one per l
 UPSTREAM_CONTEXT = 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Upstream:
     """One `python -m llama_cpp.server` process on a fixed port (so it can be restarted)."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log_dir / f"upstream-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
