@@ -5,6 +5,7 @@ table, so a route added later cannot be forgotten."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -90,3 +91,32 @@ def test_cors_allows_only_the_configured_origins() -> None:
     assert "access-control-allow-origin" not in other.headers
     assert simple.headers["access-control-allow-origin"] == "https://app.example"
     assert "request-id" in simple.headers["access-control-expose-headers"]
+
+
+def test_a_slow_sender_gets_400_and_frees_the_connection() -> None:
+    app = create_app(settings(body_timeout=0.3), [fake_model()])
+    with serve_app(app) as url:
+
+        def trickle() -> Iterator[bytes]:
+            yield b'{"model": "fake",'
+            time.sleep(2)
+            yield b'"prompt": "x"}'
+
+        response = httpx.post(f"{url}/v1/complete", headers=VERSION, content=trickle())
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "The request body did not arrive within 0.3 seconds"
+
+
+def test_a_generation_past_its_deadline_ends_with_an_error() -> None:
+    app = create_app(settings(request_timeout=0.3), [fake_model(reply=" tick" * 100, token_delay=0.05)])
+    with serve_app(app) as url:
+        body = {"model": "fake", "prompt": PROMPT, "max_tokens_to_sample": 100}
+        whole = httpx.post(f"{url}/v1/complete", headers=VERSION, json=body)
+        streamed = httpx.post(f"{url}/v1/complete", headers=VERSION, json={**body, "stream": True})
+    message = "The request ran past the server's 0.3-second limit"
+    assert whole.status_code == 500 and whole.json()["error"] == {"type": "api_error", "message": message}
+    assert streamed.text.rstrip().splitlines()[-2:] == [
+        "event: error",
+        f'data: {{"type":"error","error":{{"type":"api_error","message":"{message}"}},'
+        f'"request_id":"{streamed.headers["request-id"]}"}}',
+    ]

@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         help="allow browser requests from this origin (repeat; env TCSERVE_CORS_ORIGINS=a,b); default: CORS off",
     )
     serve.add_argument(
+        "--body-timeout", type=float, help="seconds a client may take to send its request body (default 30)"
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, help="seconds a completion may run before it is ended (default 600)"
+    )
+    serve.add_argument(
         "--ping-interval",
         type=float,
         help="seconds of silence before a stream gets a ping event (default 15)",

@@ -7,6 +7,7 @@
     ├── ModelNotFound         no model answers to that id
     ├── Overloaded            no room now; try again after `retry_after` seconds
     ├── RateLimited           the caller's key is over a per-minute limit
+    ├── DeadlineExceeded      a generation ran past --request-timeout
     ├── EngineNotReady        the model is still loading
     ├── ModelUnavailable      the model failed to load and will not serve
     └── EngineFailure         the engine broke; the detail is for the log only
@@ -56,6 +57,11 @@ class RateLimited(TCServeError):
     def __init__(self, what: str, retry_after: float) -> None:
         super().__init__(f"rate limit exceeded: {what} per minute")
         self.retry_after = retry_after
+
+
+class DeadlineExceeded(TCServeError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"The request ran past the server's {seconds:g}-second limit")
 
 
 class EngineNotReady(TCServeError):

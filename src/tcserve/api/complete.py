@@ -8,6 +8,7 @@ failure can only be an SSE `error` event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -35,6 +36,7 @@ from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import ServerState, server_state
 from tcserve.completions import CompletionEvent, Done, check_context, complete
 from tcserve.config import ServedModel, Settings
+from tcserve.errors import DeadlineExceeded
 from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
 from tcserve.keys import KeyRecord
@@ -66,7 +68,7 @@ async def create_completion(request: Request) -> Response:
     arrived = time.monotonic()
     state = server_state(request)
     request_id = request_id_of(request.scope)
-    wire = parse_completion_request(await request.body())
+    wire = parse_completion_request(await read_body(request, state.settings.body_timeout))
     check_limits(wire, state.settings)
     model = state.catalog.resolve(wire.model).served_by
     key = key_of(request.scope)
@@ -78,7 +80,8 @@ async def create_completion(request: Request) -> Response:
     if key is not None:
         state.limiter.admit(key, prompt_tokens)
     accounting = _Accounting(state, request_id, wire.model, key, prompt_tokens, arrived)
-    events = accounted(await complete(engine, generation), accounting)
+    deadline = arrived + state.settings.request_timeout
+    events = accounted(await complete(engine, generation), accounting, deadline, state.settings.request_timeout)
     completion_id = new_id("compl")
     if wire.stream:
         frames = sse_frames(events, completion_id, wire.model, request_id)
@@ -135,13 +138,16 @@ class _Accounting:
 
 
 async def accounted(
-    events: AsyncGenerator[CompletionEvent, None], accounting: _Accounting
+    events: AsyncGenerator[CompletionEvent, None], accounting: _Accounting, deadline: float, limit: float
 ) -> AsyncGenerator[CompletionEvent, None]:
-    """Pass events through to the wire, with the accounting at the first text and at the end."""
+    """Pass events through to the wire, with the accounting at the first text and at
+    the end, and end a generation that runs past its deadline (checked per event)."""
     waiting, finished, pieces = True, False, 0
     try:
         async with aclosing(events):
             async for event in events:
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded(limit)
                 pieces += 1
                 if waiting and (event.text or isinstance(event, Done)):
                     waiting = False
@@ -157,6 +163,15 @@ async def accounted(
     finally:
         if not finished:
             accounting.ended_early("cancelled", pieces)
+
+
+async def read_body(request: Request, timeout: float) -> bytes:
+    """The body, or a 400 for a client that sends it too slowly (it would hold a
+    connection and a task for as long as it likes)."""
+    try:
+        return await asyncio.wait_for(request.body(), timeout)
+    except TimeoutError:
+        raise InvalidRequestError(f"The request body did not arrive within {timeout:g} seconds") from None
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:

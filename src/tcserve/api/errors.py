@@ -105,6 +105,8 @@ def to_api_error(error: BaseException, request_id: str) -> APIError:
             return OverloadedError(str(error), retry_after=error.retry_after)
         case errors.RateLimited():
             return RateLimitError(str(error), retry_after=error.retry_after)
+        case errors.DeadlineExceeded():
+            return InternalServerError(str(error))
         case errors.ModelUnavailable():
             return InternalServerError(str(error))  # names our config's model, nothing internal
         case _:
