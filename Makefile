@@ -1,5 +1,6 @@
 # make serve: create .venv, install tcserve, start it on the embedded model (ARGS="--port 9000" to add flags)
 # make test:  install the test dependencies (Python and node) and run the whole suite
+# make fuzz:  10,000+ schemathesis cases against the app's own OpenAPI document
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -18,13 +19,17 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install
 
-.PHONY: serve test install install-test lint clean
+.PHONY: serve test fuzz install install-test lint clean
 
 serve: install
 	$(BIN)/tcserve serve $(ARGS)
 
 test: install-test tests/node/node_modules
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# At least 10,000 fuzzed requests (2,000 per operation of the OpenAPI document).
+fuzz: install-test
+	FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -p no:cacheprovider -q -s tests/test_fuzz.py
 
 lint: install-test
 	$(BIN)/ruff check src tests

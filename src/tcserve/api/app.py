@@ -31,6 +31,7 @@ from tcserve.api.errors import (
 )
 from tcserve.api.metrics import Metrics, metrics_endpoint
 from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
+from tcserve.api.openapi import describe_the_real_wire
 from tcserve.api.state import ServerState
 from tcserve.catalog import Catalog
 from tcserve.config import ServedModel, Settings, load_models
@@ -87,6 +88,7 @@ def create_app(
     app.add_api_route("/health", health, methods=["GET"], summary="Ready (200) or loading (503)")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics")
     _install_error_handlers(app)
+    describe_the_real_wire(app)
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, keys=key_ring(settings), limiter=limiter)
