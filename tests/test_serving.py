@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,3 +133,22 @@ def test_sigterm_lets_running_requests_finish(tmp_path: Path) -> None:
         process.wait(timeout=30)
     assert events[-1][0] == "completion" and events[-1][1]["stop_reason"] == "max_tokens"
     assert process.returncode == 0
+
+
+def test_a_client_that_stops_reading_is_cut_off_without_delaying_others() -> None:
+    big = " " + "x" * 65536
+    app = create_app(settings(slow_reader_timeout=0.5), [fake_model(reply=big * 400)])
+    with serve_app(app) as url:
+        engine = app.state.tcserve.engines["fake"]
+        port = int(url.rsplit(":", 1)[1])
+        payload = json.dumps(body(stream=True, max_tokens_to_sample=400)).encode()
+        with socket.create_connection(("127.0.0.1", port)) as reader:
+            reader.sendall(
+                b"POST /v1/complete HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
+            reader.recv(1024)  # the response has started; from now on this client reads nothing
+            assert engine.active == 1
+            other = httpx.post(f"{url}/v1/complete", headers=VERSION, json=body(max_tokens_to_sample=2), timeout=10)
+            assert other.status_code == 200  # served while the slow stream is stuck
+            wait_until_idle(engine)  # cut off after 0.5 s: its generation stopped

@@ -123,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, help="seconds a completion may run before it is ended (default 600)"
     )
     serve.add_argument(
+        "--slow-reader-timeout",
+        type=float,
+        help="seconds a streaming client may stop reading before its stream is ended (default 30)",
+    )
+    serve.add_argument(
         "--ping-interval",
         type=float,
         help="seconds of silence before a stream gets a ping event (default 15)",

@@ -128,6 +128,7 @@ class Settings(BaseSettings):
     ping_interval: float = Field(15.0, gt=0)
     body_timeout: float = Field(30.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
+    slow_reader_timeout: float = Field(30.0, gt=0)
     seed_model_ids: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

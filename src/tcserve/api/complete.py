@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from tcserve import prompt
 from tcserve.api import sse
@@ -85,9 +85,9 @@ async def create_completion(request: Request) -> Response:
     completion_id = new_id("compl")
     if wire.stream:
         frames = sse_frames(events, completion_id, wire.model, request_id)
-        return StreamingResponse(
+        return sse.EventStreamResponse(
             sse.with_pings(frames, state.settings.ping_interval),
-            media_type="text/event-stream; charset=utf-8",
+            write_timeout=state.settings.slow_reader_timeout,
             headers=SSE_HEADERS,
         )
     try:

@@ -28,6 +28,7 @@ from tcserve.api.errors import (
     error_response,
     to_api_error,
 )
+from tcserve.api.sse import SlowReader
 from tcserve.ids import new_id
 from tcserve.keys import KeyRecord, KeyRing
 from tcserve.limits import Limiter
@@ -71,6 +72,8 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except SlowReader as cut_off:
+            log.warning("%s: stream ended", cut_off)  # the connection is closed; nothing else to send
         except Exception as error:  # the last line of defence: never a stack trace on the wire
             if status:
                 raise  # headers already went out; uvicorn closes the connection

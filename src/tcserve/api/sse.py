@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
+
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+log = logging.getLogger("tcserve.sse")
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
@@ -48,3 +54,33 @@ async def with_pings(frames: AsyncIterator[bytes], interval: float) -> AsyncIter
         aclose = getattr(frames, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+class SlowReader(Exception):
+    """The client stopped reading its stream: it was cut off."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """A stream whose client must keep reading: a send that cannot complete within
+    `write_timeout` seconds (the socket's buffers are full because the client stopped
+    reading) ends the stream, which frees the request's slot. Other streams never wait
+    for it: each has its own queue and its own connection."""
+
+    def __init__(self, frames: AsyncIterator[bytes], *, write_timeout: float, headers: Mapping[str, str]) -> None:
+        super().__init__(frames, media_type="text/event-stream; charset=utf-8", headers=headers)
+        self._frames = frames
+        self._write_timeout = write_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        async def send_or_give_up(message: dict[str, object]) -> None:
+            try:
+                await asyncio.wait_for(send(message), self._write_timeout)
+            except TimeoutError:
+                raise SlowReader(f"the client read nothing for {self._write_timeout:g} s") from None
+
+        try:
+            await super().stream_response(send_or_give_up)  # type: ignore[arg-type]
+        finally:
+            # On a cut-off (or any failure to send) the frames are not drained: close them
+            # now, which closes the engine's stream, instead of whenever they are collected.
+            await self._frames.aclose()  # type: ignore[attr-defined]
