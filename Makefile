@@ -4,6 +4,7 @@
 
 PYTHON ?= python3.11
 VENV   := .venv
+VLLM_VENV := .venv-vllm
 BIN    := $(VENV)/bin
 ARGS   ?=
 
@@ -24,7 +25,7 @@ PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(N
 serve: install
 	$(BIN)/tcserve serve $(ARGS)
 
-test: install-test tests/node/node_modules
+test: install-test tests/node/node_modules $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # More than 10,000 fuzzed requests (up to 4,000 per operation of the OpenAPI document).
@@ -50,9 +51,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
+# vLLM's CPU build, in a venv of its own, for tests/test_upstream_vllm.py: the exact
+# frozen set, without dependency resolution (see tests/vllm-requirements.txt for why).
+$(VLLM_VENV)/.installed: tests/vllm-requirements.txt
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r tests/vllm-requirements.txt
+	touch $@
+
 tests/node/node_modules: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund
 	touch $@
 
 clean:
-	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

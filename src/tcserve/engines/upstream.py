@@ -320,11 +320,16 @@ class UpstreamEngine:
 
 
 def _finished(choice: dict[str, Any]) -> Finished | None:
+    """The end of a normal completion, or None mid-stream. Any other ending ("abort",
+    "error", ...) is a failure: passing it on as a short completion would be a silent
+    truncation."""
     reason = choice.get("finish_reason")
     if reason is None:
         return None
     if reason == "length":
         return Finished("max_tokens", 0, 0)
+    if reason != "stop":
+        raise _Retryable(f"the upstream ended the request with finish_reason {reason!r}")
     stop = choice.get("stop_reason")
     if isinstance(stop, str):  # vLLM names the stop string it matched
         return Finished("stop_sequence", 0, 0, stop=stop)
