@@ -249,3 +249,14 @@ def test_a_client_that_hangs_up_frees_its_slot(one_slot: tuple[str, Any]) -> Non
         assert engine.stats().running == 1
     _idle(engine)
     assert greedy(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)).completion
+
+
+def test_a_hundred_abandoned_streams_leave_no_slot_busy(one_slot: tuple[str, Any]) -> None:
+    url, engine = one_slot
+    for _ in range(100):
+        with ExitStack() as stack:
+            lines = _stream(stack, url, prompt=COUNTING, max_tokens_to_sample=200)
+            assert next(lines).startswith("event: ")  # it started (a ping or the first text); then hang up
+    _idle(engine)
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+    assert greedy(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)).completion  # still serving
