@@ -148,7 +148,31 @@ def test_a_client_that_stops_reading_is_cut_off_without_delaying_others() -> Non
                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload)
             )
             reader.recv(1024)  # the response has started; from now on this client reads nothing
+            for _ in range(1000):  # its generation starts right after the headers went out
+                if engine.active == 1:
+                    break
+                time.sleep(0.01)
             assert engine.active == 1
             other = httpx.post(f"{url}/v1/complete", headers=VERSION, json=body(max_tokens_to_sample=2), timeout=10)
             assert other.status_code == 200  # served while the slow stream is stuck
             wait_until_idle(engine)  # cut off after 0.5 s: its generation stopped
+
+
+def test_a_client_that_sends_its_headers_too_slowly_is_disconnected(tmp_path: Path) -> None:
+    config = tmp_path / "tcserve.toml"
+    config.write_text("[[models]]\nname = 'fake'\nengine = 'fake'\n")
+    port = free_port()
+    command = [sys.executable, "-m", "tcserve", "serve", "--config", str(config), "--port", str(port),
+               "--header-timeout", "0.5"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # ... and never the blank line
+            slow.settimeout(10)
+            assert slow.recv(1024) == b""  # closed by the server, not by our 10 s timeout
+        healthy = httpx.get(f"http://127.0.0.1:{port}/health")  # normal clients are unaffected
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert healthy.status_code == 200

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         help="allow browser requests from this origin (repeat; env TCSERVE_CORS_ORIGINS=a,b); default: CORS off",
     )
     serve.add_argument(
+        "--header-timeout",
+        type=float,
+        help="seconds a client may take to send a request's headers before it is disconnected (default 10)",
+    )
+    serve.add_argument(
         "--body-timeout", type=float, help="seconds a client may take to send its request body (default 30)"
     )
     serve.add_argument(
@@ -268,7 +273,7 @@ def _serve(args: argparse.Namespace) -> int:
     models = load_models(settings)  # config mistakes end here, before logging is set up
     logs.setup(settings.log_level)
     app = create_app(settings, models)
-    serve(app, settings.host, settings.port, settings.shutdown_timeout)
+    serve(app, settings.host, settings.port, settings.shutdown_timeout, settings.header_timeout)
     return 0
 
 

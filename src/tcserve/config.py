@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(1024, ge=1)
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     ping_interval: float = Field(15.0, gt=0)
+    header_timeout: float = Field(10.0, gt=0)
     body_timeout: float = Field(30.0, gt=0)
     request_timeout: float = Field(600.0, gt=0)
     slow_reader_timeout: float = Field(30.0, gt=0)

@@ -19,6 +19,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tcserve.api.state import ServerState
 
@@ -56,6 +57,51 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline on request headers. uvicorn times out
+    idle keep-alive connections but not a client that sends its headers a byte at a
+    time (slowloris): such a client would hold a connection for as long as it likes.
+    The deadline starts with the connection and again with each request's first
+    byte, and ends when the headers are complete; past it the connection is closed."""
+
+    header_timeout: float = 10.0
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _too_slow(self) -> None:
+        log.warning("closing a connection whose request headers took over %gs", self.header_timeout)
+        self.transport.close()
+
+
+def protocol_with_header_timeout(seconds: float) -> type[HeaderDeadlineProtocol]:
+    return type("HeaderDeadline", (HeaderDeadlineProtocol,), {"header_timeout": seconds})
+
+
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float, header_timeout: float) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                            http=protocol_with_header_timeout(header_timeout))  # fmt: skip
     DrainingServer(config, app, shutdown_timeout).run()
