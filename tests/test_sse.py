@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,16 @@ def test_encoder_matches_the_golden_stream() -> None:
         sse.encode("completion", completion_body("compl_01X", "claude-2.1", "", "stop_sequence", "\n\nHuman:")),
     ]
     assert b"".join(frames) == GOLDEN.read_bytes()
+
+
+def test_unicode_line_breaks_never_split_a_data_line() -> None:
+    text = "a\u2028b\u2029c\u0085d\re\nf"
+    frame = sse.encode("completion", completion_body("compl_01X", "m", text, None, None)).decode()
+    event_line, data_line, blank, end = frame.split("\n")
+    assert event_line == "event: completion"
+    assert data_line.splitlines() == [data_line]  # what str.splitlines()-based readers see
+    assert json.loads(data_line[6:])["completion"] == text
+    assert (blank, end) == ("", "")
 
 
 def test_error_event_shape() -> None:

@@ -19,8 +19,13 @@ log = logging.getLogger("tcserve.sse")
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
 
+# JSON leaves these unescaped, but line readers that follow str.splitlines() (httpx's
+# aiter_lines, for one) break a data: line at them. Escaping keeps one event one line.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def encode(event: str, data: Mapping[str, object]) -> bytes:
-    return encode_raw(event, json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    return encode_raw(event, json.dumps(data, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS))
 
 
 def encode_raw(event: str, data_json: str) -> bytes:
