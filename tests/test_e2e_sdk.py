@@ -217,7 +217,7 @@ def _hold(stack: ExitStack, url: str) -> None:
 
 
 def _idle(engine: Any) -> None:
-    for _ in range(1000):
+    for _ in range(3000):
         if engine.stats().running == 0 and engine.stats().waiting == 0:
             return
         time.sleep(0.01)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def text_of(events: list[EngineEvent]) -> str:
 
 async def settled(engine: LlamaCppEngine) -> None:
     """Wait until the scheduler has processed every cancellation (it does so at its next step)."""
-    for _ in range(1000):
+    for _ in range(3000):
         stats = engine.stats()
         if stats.running == 0 and stats.waiting == 0:
             return
@@ -126,10 +127,11 @@ async def test_a_long_prompt_does_not_stall_running_streams(engine: LlamaCppEngi
     order: list[str] = []
 
     async def consume(name: str, req: GenerationRequest, first_only: bool = False) -> None:
-        async for _event in await engine.generate(req):
-            order.append(name)
-            if first_only:
-                return
+        async with aclosing(await engine.generate(req)) as events:  # type: ignore[type-var]
+            async for _event in events:
+                order.append(name)
+                if first_only:
+                    return
 
     runner = asyncio.create_task(consume("running", request("\n\nHuman: Count to 200.\n\nAssistant:", 200)))
     while "running" not in order:

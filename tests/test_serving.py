@@ -33,7 +33,7 @@ def slow_server() -> Iterator[tuple[str, FakeEngine]]:
 
 
 def wait_until_idle(engine: FakeEngine) -> None:
-    for _ in range(1000):
+    for _ in range(3000):
         if engine.active == 0:
             return
         time.sleep(0.01)
