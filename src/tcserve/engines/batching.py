@@ -82,7 +82,6 @@ class Stats:
     waiting: int = 0
     running: int = 0
     generated_tokens: int = 0
-    prompt_tokens: int = 0
     reused_tokens: int = 0
     steps: int = 0
 
@@ -170,7 +169,6 @@ class Scheduler:
             self._admitted += 1
             job.admitted = self._admitted
             self.stats.reused_tokens += keep
-            self.stats.prompt_tokens += len(job.prompt)
 
     def _choose_slot(self, prompt: list[int]) -> tuple[Slot, int]:
         """The slot for a newcomer and how many cached prompt tokens it keeps."""

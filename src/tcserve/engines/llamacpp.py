@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tcserve.config import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL
 from tcserve.engines.base import Admission, EngineStats
-from tcserve.engines.batching import Job, Outcome, Scheduler
+from tcserve.engines.batching import Job, Outcome, Scheduler, Stats
 from tcserve.engines.native import ContextParams, Model
 from tcserve.engines.sampling import Sampler
 from tcserve.errors import EngineFailure, EngineNotReady, TCServeError
@@ -103,7 +103,7 @@ class LlamaCppEngine:
         return EngineStats(waiting=stats.waiting, running=stats.running, generated_tokens=stats.generated_tokens)
 
     @property
-    def scheduler_stats(self) -> object:
+    def scheduler_stats(self) -> Stats | None:
         """The scheduler's own counters (prefix reuse, steps), for tests and logs."""
         return self._scheduler.stats if self._scheduler else None
 
