@@ -123,3 +123,39 @@ def test_a_key_added_by_the_command_works_on_the_server(tmp_path: Path, capsys: 
     with serve_app(create_app(settings(keys_file=keys), [fake_model()])) as url:
         assert post(url, key).status_code == 200
         assert post(url, key[:-1] + "x").status_code == 401
+
+
+def test_the_server_applies_keys_file_changes_from_the_next_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "keys.toml"
+    main(["keys", "--keys-file", str(keys), "add", "alice"])
+    alice = capsys.readouterr().out.strip()
+    with serve_app(create_app(settings(keys_file=keys), [fake_model()])) as url:
+        assert post(url, alice).status_code == 200
+        main(["keys", "--keys-file", str(keys), "add", "bob", "--rpm", "5"])
+        bob = capsys.readouterr().out.strip()
+        assert post(url, bob).headers["anthropic-ratelimit-requests-limit"] == "5"
+        main(["keys", "--keys-file", str(keys), "revoke", "alice"])
+        assert post(url, alice).status_code == 401
+
+        (record,) = read_keys(keys)  # new limits for a known key take effect too
+        write_keys(keys, [record.model_copy(update={"requests_per_minute": 1})])
+        assert post(url, bob).headers["anthropic-ratelimit-requests-limit"] == "1"
+        assert post(url, bob).status_code == 429
+
+        keys.write_text("[[keys]]\nname = 'broken'\n")  # invalid: the keys read before stay
+        assert post(url, bob).status_code == 429  # still bob's bucket, not a 401
+        assert "keeping the 1 keys read before" in caplog.text
+
+        keys.unlink()  # no file: nobody gets in, the server does not become open
+        assert post(url, bob).status_code == 401
+        assert httpx.post(f"{url}/v1/complete", headers=VERSION, json=body()).status_code == 401
+
+
+def test_an_empty_keys_file_still_requires_a_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, [])
+    with serve_app(create_app(settings(keys_file=keys), [fake_model()])) as url:
+        assert httpx.post(f"{url}/v1/complete", headers=VERSION, json=body()).status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200

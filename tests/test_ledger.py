@@ -72,6 +72,34 @@ def test_usage_command_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert " fake " not in capsys.readouterr().out
 
 
+def test_usage_command_filters_by_key_and_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(
+        keys, [KeyRecord(name="alice", sha256=digest("sk-alice")), KeyRecord(name="bob", sha256=digest("sk-bob"))]
+    )
+    app = create_app(settings(data_dir=tmp_path, keys_file=keys), [fake_model(reply=" a b c d")])
+    with serve_app(app) as url:
+        for key, model, count in (("sk-alice", "fake", 2), ("sk-alice", "claude-haiku-4-5", 1), ("sk-bob", "fake", 4)):
+            for _ in range(count):
+                response = httpx.post(f"{url}/v1/complete", headers={**VERSION, "x-api-key": key},
+                                      json=body(model=model, max_tokens_to_sample=2))  # fmt: skip
+                assert response.status_code == 200
+
+    def printed(*flags: str) -> list[list[str]]:
+        assert main(["usage", "--data-dir", str(tmp_path), *flags]) == 0
+        return [line.split()[:-2] for line in capsys.readouterr().out.splitlines()[1:]]  # without the token columns
+
+    assert printed() == [
+        ["alice", "claude-haiku-4-5", "1"],
+        ["alice", "fake", "2"],
+        ["bob", "fake", "4"],
+        ["total", "7"],
+    ]
+    assert printed("--key", "alice") == [["alice", "claude-haiku-4-5", "1"], ["alice", "fake", "2"], ["total", "3"]]
+    assert printed("--model", "fake") == [["alice", "fake", "2"], ["bob", "fake", "4"], ["total", "6"]]
+    assert printed("--key", "bob", "--model", "claude-haiku-4-5") == []
+
+
 def test_kill_9_under_load_loses_no_request_the_client_saw_finish(tmp_path: Path) -> None:
     config = tmp_path / "tcserve.toml"
     config.write_text("[[models]]\nname = 'fake'\nengine = 'fake'\nreply = ' a b c d e f'\ntoken_delay = 0.002\n")

@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--keys-file",
         type=Path,
-        help="named keys with model permissions and per-minute limits (see `tcserve keys`; env TCSERVE_KEYS_FILE)",
+        help="named keys with model permissions and per-minute limits, re-read when it changes "
+        "(see `tcserve keys`; env TCSERVE_KEYS_FILE)",
     )
     serve.add_argument(
         "--model-path",
@@ -162,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--data-dir", type=Path, required=True, help="the server's --data-dir")
     usage.add_argument("--since", help="from this time on (ISO 8601, UTC; e.g. 2026-11-01)")
     usage.add_argument("--until", help="before this time (ISO 8601, UTC)")
+    usage.add_argument("--key", help="only this key name (`-`: requests made without a key)")
+    usage.add_argument("--model", help="only this model id, as the requests named it")
     usage.set_defaults(run=_usage)
 
     models = commands.add_parser("models", help="list the models of a running server")
@@ -189,7 +192,8 @@ Without --config the server has one model, the packaged Gemma 3 270M (or --model
 which also answers every Claude model id of the seed list."""
 
 _KEYS_HELP = """Manage the keys file that `tcserve serve --keys-file` reads. Keys are stored as
-SHA-256 hashes; `add` prints the new key once. Restart the server to apply changes."""
+SHA-256 hashes; `add` prints the new key once. A running server applies changes
+from its next request on."""
 
 _COMPLETE_HELP = """Stream a completion from a running tcserve to the terminal. A bare prompt is
 wrapped as "\\n\\nHuman: PROMPT\\n\\nAssistant:". Like the SDKs, it reads ANTHROPIC_BASE_URL
@@ -241,10 +245,13 @@ def _usage(args: argparse.Namespace) -> int:
     path = args.data_dir / "usage.sqlite3"
     if not path.exists():
         raise ConfigError(f"no usage ledger in {args.data_dir}")
-    rows = totals(path, args.since, args.until)
+    rows = totals(path, args.since, args.until, key=args.key, model=args.model)
     print(f"{'key':<20} {'model':<32} {'requests':>9} {'input tokens':>13} {'output tokens':>14}")
     for key, model, requests, input_tokens, output_tokens in rows:
         print(f"{key:<20} {model:<32} {requests:>9} {input_tokens:>13} {output_tokens:>14}")
+    if len(rows) > 1:
+        requests, input_tokens, output_tokens = (sum(row[i] for row in rows) for i in (2, 3, 4))
+        print(f"{'total':<53} {requests:>9} {input_tokens:>13} {output_tokens:>14}")
     return 0
 
 

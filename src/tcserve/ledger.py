@@ -124,14 +124,18 @@ def connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def totals(path: Path, since: str | None = None, until: str | None = None) -> list[tuple[str, str, int, int, int]]:
-    """(key, model, requests, input tokens, output tokens) per key and model, in a period."""
+def totals(
+    path: Path, since: str | None = None, until: str | None = None, key: str | None = None, model: str | None = None
+) -> list[tuple[str, str, int, int, int]]:
+    """(key, model, requests, input tokens, output tokens) per key and model, in a
+    period, optionally for one key name ("-": requests made without a key) or model."""
     connection = connect(path)
     try:
         rows = connection.execute(
-            "SELECT COALESCE(key_name, '-'), model, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage "
-            "WHERE finished_at >= ? AND finished_at < ? GROUP BY 1, 2 ORDER BY 1, 2",
-            (since or "", until or "9999"),
+            "SELECT COALESCE(key_name, '-') AS k, model, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage "
+            "WHERE finished_at >= ? AND finished_at < ? AND (? IS NULL OR COALESCE(key_name, '-') = ?) "
+            "AND (? IS NULL OR model = ?) GROUP BY 1, 2 ORDER BY 1, 2",
+            (since or "", until or "9999", key, key, model, model),
         ).fetchall()
     finally:
         connection.close()

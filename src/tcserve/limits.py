@@ -48,6 +48,9 @@ class _KeyBuckets:
     input: Bucket | None
     output: Bucket | None
 
+    def limits(self) -> tuple[int | None, ...]:
+        return tuple(None if bucket is None else bucket.limit for bucket in (self.requests, self.input, self.output))
+
     def all(self) -> list[tuple[str, Bucket]]:
         named = (("requests", self.requests), ("input-tokens", self.input), ("output-tokens", self.output))
         return [(name, bucket) for name, bucket in named if bucket is not None]
@@ -98,13 +101,12 @@ class Limiter:
         return headers
 
     def _buckets(self, key: KeyRecord) -> _KeyBuckets:
-        if key.name not in self._keys:
-            self._keys[key.name] = _KeyBuckets(
-                requests=_bucket(key.requests_per_minute),
-                input=_bucket(key.input_tokens_per_minute),
-                output=_bucket(key.output_tokens_per_minute),
-            )
-        return self._keys[key.name]
+        """A key's buckets, new ones when its limits changed (the keys file is re-read live)."""
+        buckets = self._keys.get(key.name)
+        limits = (key.requests_per_minute, key.input_tokens_per_minute, key.output_tokens_per_minute)
+        if buckets is None or buckets.limits() != limits:
+            buckets = self._keys[key.name] = _KeyBuckets(*map(_bucket, limits))
+        return buckets
 
 
 def _bucket(limit: int | None) -> Bucket | None:

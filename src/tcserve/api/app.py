@@ -38,7 +38,7 @@ from tcserve.config import ServedModel, Settings, load_models
 from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError
-from tcserve.keys import KeyRing, read_keys, unlimited
+from tcserve.keys import KeySource, unlimited
 from tcserve.ledger import Ledger
 from tcserve.limits import Limiter
 
@@ -91,7 +91,7 @@ def create_app(
     describe_the_real_wire(app)
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Authenticate, keys=key_ring(settings), limiter=limiter)
+    app.add_middleware(Authenticate, keys=key_source(settings), limiter=limiter)
     if settings.cors_origins:
         # Outside authentication: a browser's preflight carries no key.
         app.add_middleware(
@@ -155,12 +155,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
 
 
-def key_ring(settings: Settings) -> KeyRing:
-    """Keys from the keys file (named, with permissions and limits) and from the
-    command line (unlimited)."""
-    records = read_keys(settings.keys_file) if settings.keys_file else []
-    records += [unlimited(key, index) for index, key in enumerate(settings.api_keys, start=1)]
-    return KeyRing(records)
+def key_source(settings: Settings) -> KeySource:
+    """Keys from the keys file (named, with permissions and limits; re-read when it
+    changes) and from the command line (unlimited)."""
+    cli_keys = [unlimited(key, index) for index, key in enumerate(settings.api_keys, start=1)]
+    return KeySource(settings.keys_file, cli_keys)
 
 
 def _warn_if_open(settings: Settings) -> None:

@@ -3,9 +3,10 @@
 - `RequestContext`: gives each request its `req_...` id (scope state, log
   context, `request-id` header on every response), logs one access line, and
   turns anything that escaped into a JSON 500.
-- `Authenticate`: when keys are configured, every path but the public ones
-  needs `x-api-key` or `Authorization: Bearer` matching one (checked first, so
-  nothing about the request is revealed to a caller without a key).
+- `Authenticate`: when keys are configured (a keys file, even an empty one, or
+  command-line keys), every path but the public ones needs `x-api-key` or
+  `Authorization: Bearer` matching one (checked first, so nothing about the
+  request is revealed to a caller without a key).
 - `LimitBody`: answers 413 when the body is over the limit, from
   `content-length` or while streaming it in, without buffering it.
 
@@ -30,7 +31,7 @@ from tcserve.api.errors import (
 )
 from tcserve.api.sse import SlowReader
 from tcserve.ids import new_id
-from tcserve.keys import KeyRecord, KeyRing
+from tcserve.keys import KeyRecord, KeySource
 from tcserve.limits import Limiter
 from tcserve.logs import request_id_var
 
@@ -90,17 +91,17 @@ class Authenticate:
     stored hash), puts its record in the scope for permission and limit checks,
     and adds the key's `anthropic-ratelimit-*` headers to every response."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, limiter: Limiter) -> None:
+    def __init__(self, app: ASGIApp, keys: KeySource, limiter: Limiter) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self.keys.required or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         presented = _presented_key(Headers(scope=scope))
-        record = None if presented is None else self.keys.find(presented)
+        record = None if presented is None else self.keys.current().find(presented)
         if presented is None:
             await send_error(scope, receive, send, AuthenticationError("x-api-key header is required"))
         elif record is None:
