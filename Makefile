@@ -1,6 +1,8 @@
 # make serve: create .venv, install tcserve, start it on the embedded model (ARGS="--port 9000" to add flags)
 # make test:  install the test dependencies (Python and node) and run the whole suite
 # make fuzz:  10,000+ schemathesis cases against the app's own OpenAPI document
+# make bench: tcserve against llama-server and llama-cpp-python, one table (bench/README.md; ARGS="--quick")
+# make soak:  64 clients x 100 requests on the embedded model; nothing lost, mixed up or leaked
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -20,7 +22,7 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install
 
-.PHONY: serve test fuzz install install-test lint clean
+.PHONY: serve test fuzz bench soak install install-test install-bench lint clean
 
 serve: install
 	$(BIN)/tcserve serve $(ARGS)
@@ -32,6 +34,12 @@ test: install-test tests/node/node_modules $(VLLM_VENV)/.installed
 fuzz: install-test
 	FUZZ_EXAMPLES=4000 $(BIN)/python -m pytest -p no:cacheprovider -q -s tests/test_fuzz.py
 
+bench: install-bench
+	$(BIN)/python bench/run.py $(ARGS)
+
+soak: install-bench
+	$(BIN)/python bench/soak.py $(ARGS)
+
 lint: install-test
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
@@ -41,6 +49,8 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+install-bench: $(VENV)/.installed-bench
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -49,6 +59,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP_INSTALL) -e '.[test,bench]'
 	touch $@
 
 # vLLM's CPU build, in a venv of its own, for tests/test_upstream_vllm.py: the exact

@@ -6,7 +6,7 @@ an SSE `error` event; a 529/429 with `retry-after`; or abandoned by its client
 on purpose. Afterwards /metrics must show 0 running sequences, and the server's
 resident memory must be within 10% of its level after warm-up.
 
-    .venv/bin/python bench/soak.py                     # 64 clients x 100 requests, embedded model
+    make soak                                          # 64 clients x 100 requests, embedded model (~25 min)
     .venv/bin/python bench/soak.py --clients 8 --requests 10
 
 `make test` runs a small version (tests/test_soak.py) through `run_soak`.
@@ -18,6 +18,8 @@ import argparse
 import asyncio
 import json
 import random
+import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -123,6 +125,12 @@ async def running_sequences(client: httpx.AsyncClient) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("tcserve_running_sequences{"))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def resident_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -131,12 +139,7 @@ def resident_mib(pid: int) -> float:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    import subprocess
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import run as bench
-
-    port = bench.free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tcserve", "serve", "--port", str(port), "--parallel", "16",
                                "--ctx-size", "1024", "--max-queue", "32"], stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
