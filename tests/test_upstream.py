@@ -99,12 +99,16 @@ def _tcserve(upstreams: list[Upstream], **overrides: Any) -> tuple[Any, Any]:
     return create_app(settings(), [model]), model
 
 
-@pytest.fixture
-def tcserve(upstreams: list[Upstream]) -> Iterator[tuple[anthropic.Anthropic, Any]]:
+def _revive(upstreams: list[Upstream]) -> None:
     for upstream in upstreams:
         if upstream.process is None or upstream.process.poll() is not None:
             upstream.start()  # a fault test killed it
         upstream.resume()
+
+
+@pytest.fixture
+def tcserve(upstreams: list[Upstream]) -> Iterator[tuple[anthropic.Anthropic, Any]]:
+    _revive(upstreams)
     app, _ = _tcserve(upstreams)
     with serve_app(app) as url:
         _wait_replicas_up(app, len(upstreams))
@@ -196,24 +200,33 @@ def test_a_killed_replica_ends_its_stream_with_an_error_and_the_other_takes_over
     assert _engine(app).replicas()[busy][0] is False
 
 
-def test_fewest_in_flight_sends_new_work_to_the_idle_replica(
-    upstreams: list[Upstream], tcserve: tuple[anthropic.Anthropic, Any]
+def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_error(
+    upstreams: list[Upstream], caplog: pytest.LogCaptureFixture
 ) -> None:
-    client, app = tcserve
-    with ExitStack() as stack:
+    _revive(upstreams)
+    # read_timeout is an hour: only the health check can end the stuck stream in time
+    app, _ = _tcserve(upstreams, read_timeout=3600, connect_timeout=1)
+    with serve_app(app) as url, ExitStack() as stack:
+        _wait_replicas_up(app, 2)
+        client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
         stream = stack.enter_context(greedy(client, prompt=COUNTING, max_tokens_to_sample=500, stream=True))
-        next(iter(stream))
+        events = iter(stream)
+        assert next(events).completion is not None
         busy = next(url for url, (_, in_flight) in _engine(app).replicas().items() if in_flight)
-        slow = next(u for u in upstreams if u.url == busy)
-        slow.pause()  # now it is slow indeed: it answers nothing at all
-        stack.callback(slow.resume)
-        for _ in range(3):
+        stuck = next(u for u in upstreams if u.url == busy)
+        stuck.pause()  # it answers nothing at all now, but keeps its connections open
+        stack.callback(stuck.resume)
+        for _ in range(3):  # fewest in flight: each goes to the other replica (the stuck one would hang)
             assert greedy(client, max_tokens_to_sample=8).completion.strip()
-        loads = _engine(app).replicas()
-    assert loads[busy][1] == 1  # still only the stuck stream: nothing new was sent there
+        with pytest.raises(anthropic.APIStatusError) as cut:
+            for _ in events:
+                pass
+    assert cut.value.body["error"]["type"] == "api_error"  # an SSE error event, not a silent end
+    assert f"replica {busy} is down and its stream has been silent" in caplog.text
 
 
 def test_every_replica_down_is_529_with_retry_after(upstreams: list[Upstream]) -> None:
+    _revive(upstreams)
     app, _ = _tcserve(upstreams)
     with serve_app(app) as url:
         _wait_replicas_up(app, 2)

@@ -14,7 +14,12 @@ Failure rules:
 - a timeout is an `EngineFailure` (500 `api_error`): the SDKs retry a 500, and
   Anthropic's error vocabulary in our spec has no timeout type;
 - after text was produced, any failure ends the stream with an error, never a
-  silent truncation.
+  silent truncation;
+- a replica that fails its health check while a stream from it has been silent
+  for longer than `health_interval` ends that stream (retried elsewhere when no
+  text came yet): a replica whose engine died but whose HTTP server keeps the
+  connection open (vLLM on SIGTERM) does not leave its clients waiting for
+  `read_timeout`.
 
 Stops: the built-in and the user's stop sequences go upstream (up to
 `stop_limit`) with `include_stop_str_in_output`, so the stop text reaches
@@ -31,8 +36,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -56,6 +62,7 @@ class Replica:
     url: str
     up: bool = False
     in_flight: int = 0
+    streams: set[_Pump] = field(default_factory=set)
 
 
 class _Retryable(Exception):
@@ -65,6 +72,47 @@ class _Retryable(Exception):
         super().__init__(reason)
         self.overloaded = overloaded
         self.retry_after = retry_after
+
+
+class _Pump:
+    """Reads one upstream stream's lines in a task of its own, so that the health
+    check can end a stream whose replica went down and silent."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._lines: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        self._aborted: str | None = None
+        self.last_read = time.monotonic()
+        self._task = asyncio.create_task(self._run())
+
+    async def next_line(self) -> str | None:
+        """The next line, None at the end of the stream; raises what ended it otherwise."""
+        item = await self._lines.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def abort(self, reason: str) -> None:
+        self._aborted = reason
+        self._task.cancel()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        try:
+            async for line in self._response.aiter_lines():
+                self.last_read = time.monotonic()
+                self._lines.put_nowait(line)
+        except asyncio.CancelledError:
+            if self._aborted is not None:
+                self._lines.put_nowait(_Retryable(self._aborted))
+            raise
+        except Exception as error:  # a transport error or a timeout: the reader raises it
+            self._lines.put_nowait(error)
+        else:
+            self._lines.put_nowait(None)
 
 
 class UpstreamEngine:
@@ -224,13 +272,14 @@ class UpstreamEngine:
         try:
             while True:
                 try:
-                    async for event in self._read(response):
-                        if isinstance(event, TextDelta) and event.text:
-                            produced += 1
-                            self._generated += 1
-                        yield event
-                        if isinstance(event, Finished):
-                            return
+                    async with contextlib.aclosing(self._read(replica, response)) as events:
+                        async for event in events:
+                            if isinstance(event, TextDelta) and event.text:
+                                produced += 1
+                                self._generated += 1
+                            yield event
+                            if isinstance(event, Finished):
+                                return
                     raise _Retryable("the stream ended without a finish reason")
                 except (_Retryable, httpx.TransportError) as error:
                     if produced or len(tried) >= ATTEMPTS:
@@ -245,23 +294,29 @@ class UpstreamEngine:
             await self._finish(replica, response)
             self._admission.release()
 
-    async def _read(self, response: httpx.Response) -> AsyncIterator[EngineEvent]:
+    async def _read(self, replica: Replica, response: httpx.Response) -> AsyncIterator[EngineEvent]:
         """OpenAI-style SSE chunks -> engine events (the usage-only chunk and [DONE] are skipped)."""
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise _Retryable(f"upstream error event: {chunk['error']}")
-            for choice in chunk.get("choices") or ():
-                if text := choice.get("text"):
-                    yield TextDelta(text)
-                if finished := _finished(choice):
-                    yield finished
+        pump = _Pump(response)
+        replica.streams.add(pump)
+        try:
+            while (line := await pump.next_line()) is not None:
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
                     return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise _Retryable(f"upstream error event: {chunk['error']}")
+                for choice in chunk.get("choices") or ():
+                    if text := choice.get("text"):
+                        yield TextDelta(text)
+                    if finished := _finished(choice):
+                        yield finished
+                        return
+        finally:
+            replica.streams.discard(pump)
+            await pump.close()
 
     async def _finish(self, replica: Replica, response: httpx.Response) -> None:
         if not response.is_closed:
@@ -300,6 +355,17 @@ class UpstreamEngine:
         if up != replica.up:
             log.warning("upstream replica %s is %s", replica.url, "up" if up else "down")
         replica.up = up
+        if not up:
+            self._end_silent_streams(replica)
+
+    def _end_silent_streams(self, replica: Replica) -> None:
+        """A down replica's streams that have said nothing for a health interval are
+        not coming back: end them now rather than after `read_timeout`."""
+        now = time.monotonic()
+        for pump in replica.streams:
+            silent = now - pump.last_read
+            if silent > self._config.health_interval:
+                pump.abort(f"replica {replica.url} is down and its stream has been silent for {silent:.1f} s")
 
     async def _discover_context(self, client: httpx.AsyncClient) -> int | None:
         for replica in self._replicas:
