@@ -250,7 +250,9 @@ def _usage(args: argparse.Namespace) -> int:
     for key, model, requests, input_tokens, output_tokens in rows:
         print(f"{key:<20} {model:<32} {requests:>9} {input_tokens:>13} {output_tokens:>14}")
     if len(rows) > 1:
-        requests, input_tokens, output_tokens = (sum(row[i] for row in rows) for i in (2, 3, 4))
+        requests = sum(row[2] for row in rows)
+        input_tokens = sum(row[3] for row in rows)
+        output_tokens = sum(row[4] for row in rows)
         print(f"{'total':<53} {requests:>9} {input_tokens:>13} {output_tokens:>14}")
     return 0
 

@@ -37,7 +37,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,7 +294,7 @@ class UpstreamEngine:
             await self._finish(replica, response)
             self._admission.release()
 
-    async def _read(self, replica: Replica, response: httpx.Response) -> AsyncIterator[EngineEvent]:
+    async def _read(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
         """OpenAI-style SSE chunks -> engine events (the usage-only chunk and [DONE] are skipped)."""
         pump = _Pump(response)
         replica.streams.add(pump)
