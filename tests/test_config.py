@@ -22,9 +22,9 @@ def test_no_config_serves_the_packaged_model() -> None:
 def test_flags_apply_to_the_first_model(tmp_path: Path) -> None:
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    (model,) = load_models(Settings(model_path=gguf, ctx_size=1024, threads=3))
+    (model,) = load_models(Settings(model_path=gguf, ctx_size=1024, threads=3, prefill_budget=128))
     assert isinstance(model, LlamaCppModel)
-    assert (model.path, model.context_size, model.threads) == (gguf, 1024, 3)
+    assert (model.path, model.context_size, model.threads, model.prefill_budget) == (gguf, 1024, 3, 128)
 
 
 def test_table_with_two_models(tmp_path: Path) -> None:

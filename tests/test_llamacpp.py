@@ -9,6 +9,7 @@ events), never by how long it took.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -17,7 +18,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tcserve.engines.llamacpp import PREFILL_CHUNK, LlamaCppEngine
+from tcserve.engines.batching import Job, Outcome, Scheduler
+from tcserve.engines.llamacpp import PREFILL_CHUNK, LlamaCppEngine, default_model_path
+from tcserve.engines.native import ContextParams, Model
+from tcserve.engines.sampling import Sampler
 from tcserve.errors import EngineFailure, EngineNotReady, Overloaded
 from tcserve.generation import EngineEvent, Finished, GenerationRequest, SamplingParams, TextDelta
 
@@ -147,6 +151,56 @@ async def test_a_long_prompt_does_not_stall_running_streams(engine: LlamaCppEngi
     # One prompt chunk per step: the running stream got a token in (nearly) every step of the prefill.
     assert during_prefill >= chunks - 1
     await settled(engine)
+
+
+@pytest.mark.parametrize("budget", [PREFILL_CHUNK, 4 * PREFILL_CHUNK])
+async def test_a_burst_of_newcomers_is_prefilled_within_the_step_budget(budget: int) -> None:
+    """Prompts that arrive together are taken in arrival order, as many per step as
+    the prefill budget allows: with a small budget the first of a burst get their
+    first token a step (or more) before the last."""
+    model = Model(default_model_path(), ContextParams(slots=8, slot_context=512, batch_tokens=8 + budget, threads=2))
+    handoffs: list[list[tuple[Job, Outcome]]] = []
+    finished = threading.Event()
+    topics = ("rivers", "volcanoes", "the history of chess", "bees", "glaciers", "the Silk Road")
+    ask = "\n\nHuman: Write a long, detailed essay about {}. Use many paragraphs and explain everything.\n\nAssistant:"
+    jobs = [Job(request(ask.format(t), 3), Sampler(SamplingParams(temperature=0.0)), None) for t in topics]
+
+    def deliver(outbox: list[tuple[Job, Outcome]]) -> None:
+        handoffs.append(outbox)
+        ended = {id(job) for batch in handoffs for job, event in batch if isinstance(event, Finished)}
+        if len(ended) == len(jobs):
+            finished.set()
+
+    scheduler = Scheduler(model, deliver, slots=8, chunk=PREFILL_CHUNK, prefill_budget=budget)
+    for job in jobs:  # all queued before the scheduler runs: one burst
+        scheduler.submit(job)
+    thread = threading.Thread(target=scheduler.run)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(finished.wait, 120)
+    finally:
+        scheduler.stop()
+        thread.join()
+        model.close()
+
+    lengths = [len(job.prompt) for job in jobs]
+    expected, group, used = [], [], 0  # arrival order, whole prompts (each < one chunk) within the budget
+    for index, length in enumerate(lengths):
+        if used + length > budget:
+            expected.append(group)
+            group, used = [], 0
+        group.append(index)
+        used += length
+    expected.append(group)
+    seen: set[int] = set()
+    first_events = []
+    for batch in handoffs:
+        new = sorted({jobs.index(job) for job, _ in batch} - seen)
+        if new:
+            first_events.append(new)
+            seen.update(new)
+    assert first_events == expected
+    assert len(expected) == (1 if budget == 4 * PREFILL_CHUNK else 2)  # the test shows both cases
 
 
 async def test_closing_a_stream_frees_its_slot(engine: LlamaCppEngine) -> None:

@@ -18,6 +18,7 @@ from tcserve.config import (
     DEFAULT_CONTEXT_SIZE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PARALLEL,
+    DEFAULT_PREFILL_BUDGET,
     ConfigError,
     Settings,
     load_models,
@@ -91,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         help=f"requests that may wait for a free sequence; beyond that, 529 (default {DEFAULT_MAX_QUEUE})",
+    )
+    serve.add_argument(
+        "--prefill-budget",
+        type=int,
+        help="prompt tokens of newcomers one batching step may add beside the running sequences: lower gives "
+        "a burst's first tokens sooner, higher processes long prompts under load faster "
+        f"(default {DEFAULT_PREFILL_BUDGET})",
     )
     serve.add_argument(
         "--no-prefix-cache",

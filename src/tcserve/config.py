@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 DEFAULT_CONTEXT_SIZE = 8192
 DEFAULT_PARALLEL = 8
+DEFAULT_PREFILL_BUDGET = 256
 """On 2 to 8 cores llama.cpp's batched decode keeps gaining up to ~16 sequences;
 8 slots x 8192 tokens of Gemma 3 270M's cache is about 1.2 GB."""
 DEFAULT_MAX_QUEUE = 64
@@ -50,6 +51,9 @@ class LlamaCppModel(_ModelBase):
     parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=256, description="Sequences decoded together in one batch.")
     max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0, description="Requests that may wait for a slot; more get 529.")
     prefix_cache: bool = Field(True, description="Reuse the cache of a shared prompt prefix.")
+    prefill_budget: int = Field(
+        DEFAULT_PREFILL_BUDGET, ge=1, le=8192, description="Prompt tokens of newcomers one batching step may add."
+    )
 
 
 class FakeModel(_ModelBase):
@@ -119,6 +123,7 @@ class Settings(BaseSettings):
     parallel: int | None = Field(None, ge=1, le=256)
     max_queue: int | None = Field(None, ge=0)
     prefix_cache: bool | None = None
+    prefill_budget: int | None = Field(None, ge=1, le=8192)
     shutdown_timeout: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(32 * MiB, ge=1)
     max_prompt_chars: int = Field(4 * MiB, ge=1)
@@ -157,6 +162,7 @@ def load_models(settings: Settings) -> list[ServedModel]:
         "parallel": settings.parallel,
         "max_queue": settings.max_queue,
         "prefix_cache": settings.prefix_cache,
+        "prefill_budget": settings.prefill_budget,
     }
     given = {name: value for name, value in engine_flags.items() if value is not None}
     if isinstance(first, LlamaCppModel):

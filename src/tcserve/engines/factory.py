@@ -32,6 +32,7 @@ def build_engine(model: ServedModel) -> Engine:
         parallel=model.parallel,
         max_queue=model.max_queue,
         prefix_cache=model.prefix_cache,
+        prefill_budget=model.prefill_budget,
     )
 
 
