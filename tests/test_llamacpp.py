@@ -117,6 +117,29 @@ async def test_a_conversation_reuses_its_earlier_turns(engine: LlamaCppEngine) -
     assert reused >= (await engine.count_tokens(prompt)) // PREFILL_CHUNK * PREFILL_CHUNK - PREFILL_CHUNK
 
 
+async def test_reuse_generated_reuses_the_earlier_answer_too() -> None:
+    """With --reuse-generated, turn 2 computes only what is new: the earlier answer's
+    tokens come from the cache (the default keeps only whole prompt chunks)."""
+    engine = LlamaCppEngine(None, context_size=1024, threads=2, parallel=1, reuse_generated=True)
+    await engine.start()
+    try:
+        prompt = "\n\nHuman: Where is Paris?\n\nAssistant:"
+        answer = text_of(await run(engine, request(prompt, 16)))
+        before = engine.scheduler_stats.reused_tokens  # type: ignore[attr-defined]
+        follow_up = "\n\nHuman: And Rome?\n\nAssistant:"
+        assert text_of(await run(engine, request(f"{prompt}{answer}{follow_up}", 8)))
+        reused = engine.scheduler_stats.reused_tokens - before  # type: ignore[attr-defined]
+        new_tokens = await engine.count_tokens(f"{prompt}{answer}{follow_up}") - await engine.count_tokens(
+            f"{prompt}{answer}"
+        )
+        # Everything but the follow-up (give or take a token merged across the seam) came from the cache;
+        # with whole chunks only, a prompt this short (< one chunk) would reuse nothing.
+        assert reused >= await engine.count_tokens(f"{prompt}{answer}") - 2
+        assert reused < await engine.count_tokens(f"{prompt}{answer}{follow_up}") - new_tokens + 2
+    finally:
+        await engine.aclose()
+
+
 async def test_concurrent_requests_share_the_batch(engine: LlamaCppEngine) -> None:
     questions = ["Paris", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna"]  # more than the 4 slots
     prompts = [f"\n\nHuman: Tell me about {city}.\n\nAssistant:" for city in questions]

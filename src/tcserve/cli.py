@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_PREFILL_BUDGET})",
     )
     serve.add_argument(
+        "--reuse-generated",
+        action="store_const",
+        const=True,
+        help="also reuse the cache of generated tokens (a conversation's earlier answers): the next turn computes "
+        "only its new text, but a greedy request's text may then depend on what was cached before",
+    )
+    serve.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_const",

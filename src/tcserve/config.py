@@ -54,6 +54,9 @@ class LlamaCppModel(_ModelBase):
     prefill_budget: int = Field(
         DEFAULT_PREFILL_BUDGET, ge=1, le=8192, description="Prompt tokens of newcomers one batching step may add."
     )
+    reuse_generated: bool = Field(
+        False, description="Reuse cached generated tokens too: faster follow-up turns, greedy text may vary."
+    )
 
 
 class FakeModel(_ModelBase):
@@ -124,6 +127,7 @@ class Settings(BaseSettings):
     max_queue: int | None = Field(None, ge=0)
     prefix_cache: bool | None = None
     prefill_budget: int | None = Field(None, ge=1, le=8192)
+    reuse_generated: bool | None = None
     shutdown_timeout: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(32 * MiB, ge=1)
     max_prompt_chars: int = Field(4 * MiB, ge=1)
@@ -163,6 +167,7 @@ def load_models(settings: Settings) -> list[ServedModel]:
         "max_queue": settings.max_queue,
         "prefix_cache": settings.prefix_cache,
         "prefill_budget": settings.prefill_budget,
+        "reuse_generated": settings.reuse_generated,
     }
     given = {name: value for name, value in engine_flags.items() if value is not None}
     if isinstance(first, LlamaCppModel):

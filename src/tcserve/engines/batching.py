@@ -17,7 +17,13 @@ kernels take other paths and greedy results can change slightly.
 Prefix reuse. A finished sequence leaves its cache in its slot. A newcomer
 takes the free slot whose cache shares the most whole chunks with its prompt;
 when that prefix sits in a running sequence, the cache is copied whole (a
-partial copy asserts on a split cache) and trimmed.
+partial copy asserts on a split cache) and trimmed. With `reuse_generated`, any
+shared prefix is reused, generated tokens included (a conversation's next turn
+computes only its new text, as llama-server does); the price is determinism:
+tokens computed one by one while generating, or from a chunk boundary other
+than the canonical one, give slightly different numbers than the same tokens in
+aligned prompt chunks, so a greedy request's text can depend on what the cache
+held before.
 """
 
 from __future__ import annotations
@@ -96,12 +102,14 @@ class Scheduler:
         chunk: int,
         prefill_budget: int,
         prefix_cache: bool = True,
+        reuse_generated: bool = False,
     ) -> None:
         self._model = model
         self._deliver = deliver
         self._chunk = chunk
         self._prefill_budget = max(prefill_budget, chunk)  # a whole chunk always fits
         self._prefix_cache = prefix_cache
+        self._reuse_generated = reuse_generated
         self._slots = [Slot(i) for i in range(slots)]
         self._inbox: deque[Job] = deque()
         self._waiting: deque[Job] = deque()
@@ -190,11 +198,12 @@ class Scheduler:
 
     def _reusable(self, slot: Slot, prompt: list[int]) -> int:
         # At least the prompt's last token must be computed again: its logits are needed.
-        limit = min(slot.reusable, len(prompt) - 1)
+        cached = len(slot.tokens) if self._reuse_generated else slot.reusable
+        limit = min(cached, len(prompt) - 1)
         same = 0
         while same < limit and slot.tokens[same] == prompt[same]:
             same += 1
-        return same - same % self._chunk
+        return same if self._reuse_generated else same - same % self._chunk
 
     def _step(self) -> None:
         batch = self._model.batch

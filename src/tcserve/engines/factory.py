@@ -33,6 +33,7 @@ def build_engine(model: ServedModel) -> Engine:
         max_queue=model.max_queue,
         prefix_cache=model.prefix_cache,
         prefill_budget=model.prefill_budget,
+        reuse_generated=model.reuse_generated,
     )
 
 

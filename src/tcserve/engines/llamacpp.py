@@ -46,6 +46,7 @@ class LlamaCppEngine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         prefix_cache: bool = True,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        reuse_generated: bool = False,
     ) -> None:
         """`prefill_budget`: prompt tokens of newcomers one step may add beside the
         running sequences' tokens (at least one whole chunk). Prompt processing costs
@@ -60,6 +61,7 @@ class LlamaCppEngine:
             slots=parallel, slot_context=context_size, batch_tokens=parallel + self._prefill_budget, threads=threads
         )
         self._prefix_cache = prefix_cache
+        self._reuse_generated = reuse_generated
         self._admission = Admission(parallel, max_queue)
         self._model: Model | None = None
         self._scheduler: Scheduler | None = None
@@ -85,6 +87,7 @@ class LlamaCppEngine:
         scheduler = Scheduler(
             model, self._deliver, slots=self._params.slots, chunk=PREFILL_CHUNK,
             prefill_budget=self._prefill_budget, prefix_cache=self._prefix_cache,
+            reuse_generated=self._reuse_generated,
         )  # fmt: skip
         self._thread = threading.Thread(target=scheduler.run, name="llamacpp-scheduler", daemon=True)
         self._model, self._scheduler = model, scheduler
