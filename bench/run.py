@@ -56,6 +56,7 @@ BUILD_SCRIPT = BENCH / "build_llama_server.sh"
 
 SERVERS = ("tcserve", "llama-server", "llama-cpp-python")
 NO_REUSE = "tcserve[no-reuse]"
+REUSE_ALL = "tcserve[reuse-generated]"
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 NEVER_STOP = "@@@@"  # a stop sequence the model never writes (tcserve's own "\n\nHuman:" still applies)
 
@@ -196,6 +197,7 @@ class Settings:
     llama_server_bin: str
     tcserve_args: list[str]
     tcserve_no_reuse_args: list[str]
+    tcserve_reuse_all_args: list[str]
     llama_server_args: list[str]
     llama_cpp_python_args: list[str]
     startup_timeout: float
@@ -264,9 +266,9 @@ def server_spec(name: str, cfg: Settings, port: int, tc_help: str) -> ServerSpec
     t, host = str(cfg.threads), ["--host", "127.0.0.1", "--port", str(port)]
     if name == "tcserve":
         return ServerSpec(name, tcserve_argv(cfg, port, tc_help, []), "/health", "anthropic")
-    if name == NO_REUSE:
-        argv = tcserve_argv(cfg, port, tc_help, cfg.tcserve_no_reuse_args)
-        return ServerSpec(name, argv, "/health", "anthropic")
+    if name in (NO_REUSE, REUSE_ALL):
+        extra = cfg.tcserve_no_reuse_args if name == NO_REUSE else cfg.tcserve_reuse_all_args
+        return ServerSpec(name, tcserve_argv(cfg, port, tc_help, extra), "/health", "anthropic")
     if name == "llama-server":
         # -no-kvu (also its default when -np is given): each slot owns ctx_size cells, like a tcserve slot.
         argv = [cfg.llama_server_bin, "-m", cfg.gguf, "-t", t, "-tb", t, *host]
@@ -918,7 +920,7 @@ def ratio_table(stats: dict[tuple[str, str], ModeStats], modes: list[str]) -> st
 
 
 def render(stats: dict[tuple[str, str], ModeStats], modes: list[str], cfg: Settings, notes: list[str]) -> str:
-    order = ["tcserve", NO_REUSE, "llama-server", "llama-cpp-python"]
+    order = ["tcserve", NO_REUSE, REUSE_ALL, "llama-server", "llama-cpp-python"]
     keys = sorted(stats, key=lambda k: (modes.index(k[1]), order.index(k[0])))
     parts = [markdown_table(COLUMNS, [table_row(stats[k]) for k in keys])]
     ratios = ratio_table(stats, modes)
@@ -1038,24 +1040,24 @@ async def run_all(cfg: Settings, stamp: str) -> tuple[list[ModeRun], dict[str, A
             notes.append(f"tcserve supports --parallel: passed --parallel {cfg.parallel}.")
         else:
             notes.append("tcserve serve --help has no --parallel: it ran without it.")
-    no_reuse = (
-        "tcserve" in cfg.servers and cfg.conversations > 0 and flags_supported(cfg.tcserve_no_reuse_args, tc_help)
-    )
-    if "tcserve" in cfg.servers and cfg.conversations > 0 and not no_reuse:
-        notes.append(
-            f"{NO_REUSE} {CONV_LABEL}: n/a (serve --help lacks "
-            f"{shlex.join(cfg.tcserve_no_reuse_args) or 'a no-reuse flag'})."
-        )
+    # tcserve variants that run the conversation mode only: without reuse, and reusing generated tokens too.
+    variants = []
+    for variant, flags in ((NO_REUSE, cfg.tcserve_no_reuse_args), (REUSE_ALL, cfg.tcserve_reuse_all_args)):
+        if "tcserve" not in cfg.servers or cfg.conversations == 0:
+            continue
+        if flags_supported(flags, tc_help):
+            variants.append(variant)
+        else:
+            notes.append(f"{variant} {CONV_LABEL}: n/a (serve --help lacks {shlex.join(flags) or 'its flag'}).")
     modes = all_modes(cfg)
     runs: list[ModeRun] = []
     servers_info: dict[str, Any] = {}
     for round_no in range(cfg.repeats):
         order = list(cfg.servers) if round_no % 2 == 0 else list(reversed(cfg.servers))
-        if no_reuse:
-            order.append(NO_REUSE)
+        order += variants
         print(f"round {round_no + 1}/{cfg.repeats}: {', '.join(order)}", flush=True)
         for name in order:
-            wanted = [CONV_LABEL] if name == NO_REUSE else modes
+            wanted = [CONV_LABEL] if name in variants else modes
             got, info = await run_one_server(name, cfg, round_no, wanted, tc_help, f"{stamp}-r{round_no + 1}")
             runs += got
             servers_info.setdefault(name, []).append(info)
@@ -1217,6 +1219,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="flags that turn tcserve's prefix reuse off, for the extra conversation "
         "row; used only if `serve --help` mentions them, else the row is n/a",
     )
+    p.add_argument(
+        "--tcserve-reuse-all-args",
+        default="--reuse-generated",
+        help="flags that make tcserve reuse generated tokens too, for another conversation row "
+        "(n/a if `serve --help` lacks them)",
+    )
     p.add_argument("--llama-server-args", default="", help="extra flags for llama-server")
     p.add_argument("--llama-cpp-python-args", default="", help="extra flags for python -m llama_cpp.server")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for health")
@@ -1274,6 +1282,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         llama_server_bin=args.llama_server_bin,
         tcserve_args=shlex.split(args.tcserve_args),
         tcserve_no_reuse_args=shlex.split(args.tcserve_no_reuse_args),
+        tcserve_reuse_all_args=shlex.split(args.tcserve_reuse_all_args),
         llama_server_args=shlex.split(args.llama_server_args),
         llama_cpp_python_args=shlex.split(args.llama_cpp_python_args),
         startup_timeout=args.startup_timeout,
