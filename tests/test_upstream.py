@@ -204,8 +204,9 @@ def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_err
     upstreams: list[Upstream], caplog: pytest.LogCaptureFixture
 ) -> None:
     _revive(upstreams)
-    # read_timeout is an hour: only the health check can end the stuck stream in time
-    app, _ = _tcserve(upstreams, read_timeout=3600, connect_timeout=1)
+    # read_timeout is an hour: only the health check can end the stuck stream in time (after
+    # STALL_CHECKS timed-out checks). connect_timeout leaves the busy healthy replica time to answer.
+    app, _ = _tcserve(upstreams, read_timeout=3600, connect_timeout=3)
     with serve_app(app) as url, ExitStack() as stack:
         _wait_replicas_up(app, 2)
         client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
@@ -223,6 +224,8 @@ def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_err
                 pass
     assert cut.value.body["error"]["type"] == "api_error"  # an SSE error event, not a silent end
     assert f"replica {busy} is down and its stream has been silent" in caplog.text
+    assert f"{busy} broke before any text" not in caplog.text  # no new request went there and was retried
+    assert f"replica {busy} failed" not in caplog.text
 
 
 def test_every_replica_down_is_529_with_retry_after(upstreams: list[Upstream]) -> None:

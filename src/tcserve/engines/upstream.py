@@ -15,11 +15,13 @@ Failure rules:
   Anthropic's error vocabulary in our spec has no timeout type;
 - after text was produced, any failure ends the stream with an error, never a
   silent truncation;
-- a replica that fails its health check while a stream from it has been silent
-  for longer than `health_interval` ends that stream (retried elsewhere when no
-  text came yet): a replica whose engine died but whose HTTP server keeps the
-  connection open (vLLM on SIGTERM) does not leave its clients waiting for
-  `read_timeout`.
+- a replica that is clearly down ends its streams that have been silent for
+  longer than `health_interval` (retried elsewhere when no text came yet), so a
+  dead replica that keeps its connections open does not leave clients waiting
+  for `read_timeout`. Clearly down: its health check got an error status or a
+  refused/reset connection, or timed out `STALL_CHECKS` times in a row (one
+  timeout alone is ambiguous: llama-cpp-python's /v1/models waits for a long
+  prompt to finish).
 
 Stops: the built-in and the user's stop sequences go upstream (up to
 `stop_limit`) with `include_stop_str_in_output`, so the stop text reaches
@@ -55,6 +57,8 @@ TOKENIZE_ROUTES = (("/tokenize", "prompt"), ("/extras/tokenize", "input"))
 """(path, field of the text): vLLM and SGLang, then llama-cpp-python's server."""
 ATTEMPTS = 2
 """The first replica, then one retry on another."""
+STALL_CHECKS = 3
+"""Health checks in a row that must time out before a replica's silent streams are ended."""
 
 
 @dataclass(eq=False)
@@ -62,6 +66,8 @@ class Replica:
     url: str
     up: bool = False
     in_flight: int = 0
+    timeouts: int = 0
+    """Health checks in a row that timed out."""
     streams: set[_Pump] = field(default_factory=set)
 
 
@@ -81,7 +87,7 @@ class _Pump:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self._lines: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        self._aborted: str | None = None
+        self._aborted = False
         self.last_read = time.monotonic()
         self._task = asyncio.create_task(self._run())
 
@@ -93,8 +99,11 @@ class _Pump:
         return item
 
     def abort(self, reason: str) -> None:
-        self._aborted = reason
-        self._task.cancel()
+        """End the stream: the reader gets what was read so far, then `_Retryable(reason)`."""
+        if not self._aborted:
+            self._aborted = True
+            self._lines.put_nowait(_Retryable(reason))
+            self._task.cancel()
 
     async def close(self) -> None:
         self._task.cancel()
@@ -105,10 +114,6 @@ class _Pump:
             async for line in self._response.aiter_lines():
                 self.last_read = time.monotonic()
                 self._lines.put_nowait(line)
-        except asyncio.CancelledError:
-            if self._aborted is not None:
-                self._lines.put_nowait(_Retryable(self._aborted))
-            raise
         except Exception as error:  # a transport error or a timeout: the reader raises it
             self._lines.put_nowait(error)
         else:
@@ -345,17 +350,21 @@ class UpstreamEngine:
         """vLLM, SGLang, TGI and llama-server answer /health; servers without it
         (llama-cpp-python's) are up when /v1/models answers."""
         timeout = self._config.connect_timeout
+        timed_out = False
         try:
             response = await client.get(f"{replica.url}/health", timeout=timeout)
             if response.status_code == 404:
                 response = await client.get(f"{replica.url}/v1/models", timeout=timeout)
             up = response.status_code == 200
+        except httpx.TimeoutException:
+            up, timed_out = False, True
         except httpx.HTTPError:
             up = False
         if up != replica.up:
             log.warning("upstream replica %s is %s", replica.url, "up" if up else "down")
         replica.up = up
-        if not up:
+        replica.timeouts = replica.timeouts + 1 if timed_out else 0
+        if not up and (not timed_out or replica.timeouts >= STALL_CHECKS):
             self._end_silent_streams(replica)
 
     def _end_silent_streams(self, replica: Replica) -> None:
