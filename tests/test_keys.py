@@ -12,7 +12,10 @@ import pytest
 from support import PROMPT, VERSION, fake_model, serve_app, settings
 from tcserve.api.app import create_app
 from tcserve.cli import main
+from tcserve.config import ConfigError
+from tcserve.errors import RateLimited
 from tcserve.keys import KeyRecord, digest, read_keys, write_keys
+from tcserve.limits import Limiter
 
 CLI_KEY = "sk-cli-unlimited"
 
@@ -159,3 +162,43 @@ def test_an_empty_keys_file_still_requires_a_key(tmp_path: Path) -> None:
     with serve_app(create_app(settings(keys_file=keys), [fake_model()])) as url:
         assert httpx.post(f"{url}/v1/complete", headers=VERSION, json=body()).status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_changed_limits_apply_from_the_next_admission_and_keep_what_was_used() -> None:
+    limiter = Limiter()
+    old = KeyRecord(name="k", sha256=digest("sk-k"), requests_per_minute=100, output_tokens_per_minute=10)
+    new = old.model_copy(update={"requests_per_minute": 1, "output_tokens_per_minute": 20})
+    limiter.admit(old, 0)
+    limiter.charge_output(old, 30)  # 20 output tokens in debt
+    with pytest.raises(RateLimited) as over:  # the new record: rpm 1 (1 left), output still in debt
+        limiter.admit(new, 0)
+    assert "output-tokens" in str(over.value)
+    # A request admitted under the old record finishes and reports: that must not restore the old limits.
+    limiter.charge_output(old, 0)
+    assert limiter.headers(old)["anthropic-ratelimit-requests-limit"] == "1"
+
+
+def test_a_tightened_request_limit_holds_while_old_requests_finish() -> None:
+    limiter = Limiter()
+    old = KeyRecord(name="k", sha256=digest("sk-k"), requests_per_minute=100)
+    new = old.model_copy(update={"requests_per_minute": 1})
+    limiter.admit(old, 0)
+    limiter.admit(new, 0)  # the one request a minute of the new limit
+    limiter.charge_output(old, 1)  # earlier requests finishing
+    limiter.headers(old)
+    with pytest.raises(RateLimited):
+        limiter.admit(new, 0)
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["a", "a"], "two keys are named 'a'"), (["cli-key-1"], "names starting with 'cli-key-' are for --api-key")],
+)
+def test_key_names_are_unique_and_not_those_of_command_line_keys(
+    tmp_path: Path, names: list[str], message: str
+) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, [KeyRecord(name=name, sha256=digest(f"sk-{i}")) for i, name in enumerate(names)])
+    with pytest.raises(ConfigError, match=message):
+        read_keys(keys)
+    assert main(["keys", "--keys-file", str(tmp_path / "other.toml"), "add", "cli-key-7"]) == 2

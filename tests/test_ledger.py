@@ -70,6 +70,8 @@ def test_usage_command_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert line.split()[-3:] == ["3", str(3 * (len(PROMPT) + 1)), "6"]
     assert main(["usage", "--data-dir", str(tmp_path), "--since", "2999-01-01"]) == 0
     assert " fake " not in capsys.readouterr().out
+    assert main(["usage", "--data-dir", str(tmp_path), "--key", "-"]) == 0  # requests made without a key
+    assert any(line.split()[:3] == ["-", "fake", "3"] for line in capsys.readouterr().out.splitlines())
 
 
 def test_usage_command_filters_by_key_and_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

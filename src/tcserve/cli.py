@@ -23,7 +23,7 @@ from tcserve.config import (
     Settings,
     load_models,
 )
-from tcserve.keys import KeyRecord, digest, new_key, read_keys, write_keys
+from tcserve.keys import CLI_KEY_PREFIX, KeyRecord, digest, new_key, read_keys, write_keys
 from tcserve.ledger import totals
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
@@ -97,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "--prefill-budget",
         type=int,
         help="prompt tokens of newcomers one batching step may add beside the running sequences: lower gives "
-        "a burst's first tokens sooner, higher processes long prompts under load faster "
-        f"(default {DEFAULT_PREFILL_BUDGET})",
+        "a burst's first tokens sooner, higher processes long prompts under load faster; at least one "
+        f"128-token chunk (default {DEFAULT_PREFILL_BUDGET})",
     )
     serve.add_argument(
         "--reuse-generated",
@@ -219,6 +219,8 @@ def _keys_add(args: argparse.Namespace) -> int:
     records = read_keys(args.keys_file)
     if any(record.name == args.name for record in records):
         raise ConfigError(f"a key named {args.name!r} exists already; revoke it first")
+    if args.name.startswith(CLI_KEY_PREFIX):
+        raise ConfigError(f"names starting with {CLI_KEY_PREFIX!r} are for --api-key keys")
     key = new_key()
     record = KeyRecord(
         name=args.name,

@@ -26,12 +26,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tcserve.config import ConfigError
 
 log = logging.getLogger("tcserve.keys")
 KEY_PREFIX = "sk-tc-"
+CLI_KEY_PREFIX = "cli-key-"
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
@@ -54,6 +55,16 @@ class _KeysFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keys: list[KeyRecord] = []
 
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> _KeysFile:
+        # Limits are kept per name: two keys with one name would share (and fight over) them.
+        names = [record.name for record in self.keys]
+        if duplicate := next((name for name in names if names.count(name) > 1), None):
+            raise ValueError(f"two keys are named {duplicate!r}")
+        if reserved := next((name for name in names if name.startswith(CLI_KEY_PREFIX)), None):
+            raise ValueError(f"key name {reserved!r}: names starting with {CLI_KEY_PREFIX!r} are for --api-key keys")
+        return self
+
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -65,7 +76,7 @@ def new_key() -> str:
 
 def unlimited(key: str, index: int) -> KeyRecord:
     """A key from the command line: every model, no limits."""
-    return KeyRecord(name=f"cli-key-{index}", sha256=digest(key))
+    return KeyRecord(name=f"{CLI_KEY_PREFIX}{index}", sha256=digest(key))
 
 
 class KeyRing:
@@ -88,22 +99,27 @@ class KeySource:
     """The keys a server accepts: the keys file's, re-read whenever the file
     changes, and the command line's.
 
-    Each request costs one `stat`; the file is read again when that shows a
-    change, or when it was modified in the last few seconds (file timestamps can
-    be too coarse to tell two quick writes apart), and parsed again only when
-    its bytes differ. A configured keys file always means keys are required,
-    even while it holds none or is missing (then only command-line keys get in):
-    emptying or deleting the file locks everybody out rather than opening the
-    server. A file that turns out unreadable or invalid is logged, and the keys
-    read before stay in force.
+    Each request costs one `stat`. The file is read again when that shows a
+    change, and also while it was modified shortly before our last read (file
+    timestamps can be too coarse to tell two quick writes apart: git's "racy"
+    files); it is parsed again only when its bytes differ. A configured keys file
+    always means keys are required, even while it holds none or is missing (then
+    only command-line keys get in): emptying or deleting the file locks everybody
+    out rather than opening the server. A file that turns out unreadable or
+    invalid is logged, and the keys read before stay in force.
     """
 
     def __init__(self, path: Path | None, fixed: Iterable[KeyRecord] = ()) -> None:
         self.path = path
         self.fixed = tuple(fixed)
-        self._stat = _stat(path) if path else None
-        self._text = _text(path) if path else None
-        self._ring = KeyRing([*(read_keys(path) if path else []), *self.fixed])  # at start, errors are fatal
+        self._stat: tuple[int, ...] | None = None
+        self._read_ns = 0
+        self._data: bytes | None = None
+        records: list[KeyRecord] = []
+        if path is not None:  # at start, errors are fatal
+            self._stat, self._read_ns, self._data = _stat(path), time.time_ns(), _read(path)
+            records = _parse(self._data, path)
+        self._ring = KeyRing([*records, *self.fixed])
 
     @property
     def required(self) -> bool:
@@ -113,22 +129,27 @@ class KeySource:
         if self.path is None:
             return self._ring
         stat = _stat(self.path)
-        if stat == self._stat and not _recently_modified(stat):
+        if stat == self._stat and not self._racy(stat):
             return self._ring
-        self._stat, text = stat, _text(self.path)
-        if text == self._text:
-            return self._ring
-        self._text = text
+        self._stat, self._read_ns = stat, time.time_ns()
         try:
-            self._ring = KeyRing([*read_keys(self.path), *self.fixed])
+            data = _read(self.path)
+            if data == self._data:
+                return self._ring
+            self._data = data
+            self._ring = KeyRing([*_parse(data, self.path), *self.fixed])
         except ConfigError as error:
             log.error("%s; keeping the %d keys read before", error, len(self._ring.records))
         else:
             log.info("keys file %s changed: %d keys", self.path, len(self._ring.records))
         return self._ring
 
+    def _racy(self, stat: tuple[int, ...] | None) -> bool:
+        """Modified so shortly before our last read that a later write could look the same."""
+        return stat is not None and len(stat) == 4 and max(stat[2], stat[3]) >= self._read_ns - _RACY_NS
 
-_RECENT_NS = 3 * 10**9
+
+_RACY_NS = 3 * 10**9
 
 
 def _stat(path: Path) -> tuple[int, ...] | None:
@@ -138,32 +159,35 @@ def _stat(path: Path) -> tuple[int, ...] | None:
     except FileNotFoundError:
         return None
     except OSError:
-        return (-1,)  # unreadable now: read_keys will say why
+        return (-1,)  # unreadable now: _read will say why
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def _recently_modified(stat: tuple[int, ...] | None) -> bool:
-    return stat is not None and len(stat) == 4 and time.time_ns() - max(stat[2], stat[3]) < _RECENT_NS
-
-
-def _text(path: Path) -> bytes | None:
+def _read(path: Path) -> bytes | None:
+    """The file's bytes, None when it does not exist."""
     try:
         return path.read_bytes()
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError as error:
+        raise ConfigError(f"keys file {path}: {error}") from None
 
 
-def read_keys(path: Path) -> list[KeyRecord]:
-    if not path.exists():
+def _parse(data: bytes | None, path: Path) -> list[KeyRecord]:
+    if data is None:
         return []
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return _KeysFile.model_validate(data).keys
-    except (OSError, tomllib.TOMLDecodeError) as error:
+        return _KeysFile.model_validate(tomllib.loads(data.decode("utf-8"))).keys
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"keys file {path}: {error}") from None
     except ValidationError as error:
         first = error.errors()[0]
-        raise ConfigError(f"keys file {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        where = ".".join(map(str, first["loc"]))
+        raise ConfigError(f"keys file {path}: {where + ': ' if where else ''}{first['msg']}") from None
+
+
+def read_keys(path: Path) -> list[KeyRecord]:
+    return _parse(_read(path), path)
 
 
 def write_keys(path: Path, records: Iterable[KeyRecord]) -> None:

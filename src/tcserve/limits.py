@@ -48,8 +48,12 @@ class _KeyBuckets:
     input: Bucket | None
     output: Bucket | None
 
-    def limits(self) -> tuple[int | None, ...]:
-        return tuple(None if bucket is None else bucket.limit for bucket in (self.requests, self.input, self.output))
+    def apply(self, limits: tuple[int | None, int | None, int | None], now: float) -> None:
+        """New limits for a key whose record changed: what was used stays used."""
+        self.requests, self.input, self.output = (
+            _changed(bucket, limit, now)
+            for bucket, limit in zip((self.requests, self.input, self.output), limits, strict=True)
+        )
 
     def all(self) -> list[tuple[str, Bucket]]:
         named = (("requests", self.requests), ("input-tokens", self.input), ("output-tokens", self.output))
@@ -61,8 +65,9 @@ class Limiter:
         self._keys: dict[str, _KeyBuckets] = {}
 
     def admit(self, key: KeyRecord, input_tokens: int) -> None:
-        """Take one request and the prompt's tokens, or raise `RateLimited` (taking nothing)."""
-        buckets = self._buckets(key)
+        """Take one request and the prompt's tokens, or raise `RateLimited` (taking nothing).
+        `key` is the record in force now: its limits apply from this request on."""
+        buckets = self._buckets(key, current=True)
         now = time.monotonic()
         needs = {"requests": 1.0, "input-tokens": float(input_tokens), "output-tokens": 1.0}
         waits = []
@@ -100,17 +105,31 @@ class Limiter:
             headers.update(_bucket_headers("tokens", tightest, tightest.level, tightest.seconds_to_full()))
         return headers
 
-    def _buckets(self, key: KeyRecord) -> _KeyBuckets:
-        """A key's buckets, new ones when its limits changed (the keys file is re-read live)."""
-        buckets = self._keys.get(key.name)
+    def _buckets(self, key: KeyRecord, *, current: bool = False) -> _KeyBuckets:
+        """A key's buckets, by name. The keys file is re-read live, so a key's limits can
+        change: only the record of a new request (`current`) updates them; the record a
+        finishing request captured earlier never does."""
         limits = (key.requests_per_minute, key.input_tokens_per_minute, key.output_tokens_per_minute)
-        if buckets is None or buckets.limits() != limits:
+        buckets = self._keys.get(key.name)
+        if buckets is None:
             buckets = self._keys[key.name] = _KeyBuckets(*map(_bucket, limits))
+        elif current:
+            buckets.apply(limits, time.monotonic())
         return buckets
 
 
 def _bucket(limit: int | None) -> Bucket | None:
     return None if limit is None else Bucket(limit)
+
+
+def _changed(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | None:
+    if bucket is None or limit is None:
+        return _bucket(limit) if bucket is None else None
+    if bucket.limit != limit:
+        bucket.refill(now)
+        bucket.limit = limit
+        bucket.level = min(bucket.level, float(limit))
+    return bucket
 
 
 def _bucket_headers(name: str, bucket: Bucket, level: float, to_full: float) -> dict[str, str]:

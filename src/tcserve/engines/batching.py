@@ -78,7 +78,8 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     """What this sequence's cache holds, position by position."""
     reusable: int = 0
-    """Leading tokens that were computed as whole aligned prefill chunks."""
+    """Leading tokens that were computed as whole aligned prefill chunks (not used, and
+    not always aligned, with `reuse_generated`: then every cached token counts)."""
     job: Job | None = None
     released_at: int = 0
 
