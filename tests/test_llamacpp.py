@@ -129,13 +129,10 @@ async def test_reuse_generated_reuses_the_earlier_answer_too() -> None:
         follow_up = "\n\nHuman: And Rome?\n\nAssistant:"
         assert text_of(await run(engine, request(f"{prompt}{answer}{follow_up}", 8)))
         reused = engine.scheduler_stats.reused_tokens - before  # type: ignore[attr-defined]
-        new_tokens = await engine.count_tokens(f"{prompt}{answer}{follow_up}") - await engine.count_tokens(
-            f"{prompt}{answer}"
-        )
-        # Everything but the follow-up (give or take a token merged across the seam) came from the cache;
-        # with whole chunks only, a prompt this short (< one chunk) would reuse nothing.
+        # Everything but the follow-up came from the cache, less the answer's last sampled token (never
+        # decoded) and a token merged across the seam; with whole chunks only, a prompt this short (less
+        # than one chunk) would reuse nothing.
         assert reused >= await engine.count_tokens(f"{prompt}{answer}") - 2
-        assert reused < await engine.count_tokens(f"{prompt}{answer}{follow_up}") - new_tokens + 2
     finally:
         await engine.aclose()
 

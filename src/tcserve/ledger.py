@@ -132,10 +132,11 @@ def totals(
     connection = connect(path)
     try:
         rows = connection.execute(
-            "SELECT COALESCE(key_name, '-') AS k, model, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage "
-            "WHERE finished_at >= ? AND finished_at < ? AND (? IS NULL OR COALESCE(key_name, '-') = ?) "
-            "AND (? IS NULL OR model = ?) GROUP BY 1, 2 ORDER BY 1, 2",
-            (since or "", until or "9999", key, key, model, model),
+            "SELECT COALESCE(key_name, '-'), model, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage "
+            "WHERE finished_at >= :since AND finished_at < :until "
+            "AND (:key IS NULL OR COALESCE(key_name, '-') = :key) AND (:model IS NULL OR model = :model) "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            {"since": since or "", "until": until or "9999", "key": key, "model": model},
         ).fetchall()
     finally:
         connection.close()

@@ -124,7 +124,7 @@ def _bucket(limit: int | None) -> Bucket | None:
 
 def _changed(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | None:
     if bucket is None or limit is None:
-        return _bucket(limit) if bucket is None else None
+        return _bucket(limit)  # a limit added (a full bucket) or removed (none)
     if bucket.limit != limit:
         bucket.refill(now)
         bucket.limit = limit
