@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import load_prompts
-from tcserve.engines.llamacpp import default_model_path
-from tcserve.engines.native import ContextParams, Model
+from tcserve.engines.llamacpp.engine import default_model_path
+from tcserve.engines.llamacpp.native import ContextParams, Model
 
 Shape = list[tuple[int, list[int], int]]
 """(slot, tokens, first position) per sequence of the batch."""

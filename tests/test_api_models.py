@@ -10,7 +10,7 @@ import pytest
 
 from support import VERSION, fake_model, serve_app, settings
 from tcserve.api.app import create_app
-from tcserve.catalog import SEED_MODELS
+from tcserve.core.catalog import SEED_MODELS
 
 SEED_IDS = [
     "claude-opus-4-6",

@@ -13,7 +13,7 @@ import pytest
 
 from support import VERSION, fake_model, free_port, serve_app, settings, wait_healthy
 from tcserve.api.app import create_app
-from tcserve.cli import _parser, main
+from tcserve.cli.main import _parser, main
 from tcserve.engines.fake import FakeEngine
 
 KEY = "sk-cli-secret-123"

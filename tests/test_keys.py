@@ -14,8 +14,8 @@ from tcserve.api.app import create_app
 from tcserve.cli import main
 from tcserve.config import ConfigError
 from tcserve.errors import RateLimited
-from tcserve.keys import KeyRecord, digest, read_keys, write_keys
-from tcserve.limits import Limiter
+from tcserve.accounting.keys import KeyRecord, digest, read_keys, write_keys
+from tcserve.accounting.limits import Limiter
 
 CLI_KEY = "sk-cli-unlimited"
 

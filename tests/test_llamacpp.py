@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tcserve.engines.batching import Job, Outcome, Scheduler
-from tcserve.engines.llamacpp import PREFILL_CHUNK, LlamaCppEngine, default_model_path
-from tcserve.engines.native import ContextParams, Model
-from tcserve.engines.sampling import Sampler
+from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler
+from tcserve.engines.llamacpp.engine import PREFILL_CHUNK, LlamaCppEngine, default_model_path
+from tcserve.engines.llamacpp.native import ContextParams, Model
+from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.errors import EngineFailure, EngineNotReady, Overloaded
-from tcserve.generation import EngineEvent, Finished, GenerationRequest, SamplingParams, TextDelta
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, SamplingParams, TextDelta
 
 pytestmark = [pytest.mark.model, pytest.mark.asyncio(loop_scope="module")]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tcserve.errors import PromptError
-from tcserve.prompt import BAD_END, BAD_START, prepare, sanitise, wrap_bare_prompt
+from tcserve.core.transcript import BAD_END, BAD_START, prepare, sanitise, wrap_bare_prompt
 
 ACCEPTED = [
     ("\n\nHuman: Hello\n\nAssistant:", "\n\nHuman: Hello\n\nAssistant:"),

@@ -5,7 +5,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcserve.stops import StopMatch, StopMatcher
+from tcserve.core.stops import StopMatch, StopMatcher
 
 
 def run_streaming(stops: list[str], pieces: list[str]) -> tuple[list[str], str | None]:

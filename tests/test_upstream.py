@@ -27,7 +27,7 @@ import pytest
 from support import free_port, serve_app, settings
 from tcserve.api.app import create_app
 from tcserve.config import UpstreamModel
-from tcserve.engines.llamacpp import default_model_path
+from tcserve.engines.llamacpp.engine import default_model_path
 
 pytestmark = pytest.mark.model
 

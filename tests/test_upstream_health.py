@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from tcserve.config import UpstreamModel
-from tcserve.engines.upstream import UpstreamEngine
+from tcserve.engines.upstream.engine import UpstreamEngine
 from tcserve.errors import EngineFailure
-from tcserve.generation import EngineEvent, Finished, GenerationRequest, TextDelta
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
 
 URL = "http://replica-a:8000"
 

@@ -33,14 +33,14 @@ from tcserve.api.metrics import Metrics, metrics_endpoint
 from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.openapi import describe_the_real_wire
 from tcserve.api.state import ServerState
-from tcserve.catalog import Catalog
+from tcserve.core.catalog import Catalog
 from tcserve.config import ServedModel, Settings, load_models
 from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError
-from tcserve.keys import KeySource, unlimited
-from tcserve.ledger import Ledger
-from tcserve.limits import Limiter
+from tcserve.accounting.keys import KeySource, unlimited
+from tcserve.accounting.ledger import Ledger
+from tcserve.accounting.limits import Limiter
 
 log = logging.getLogger("tcserve")
 

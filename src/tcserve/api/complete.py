@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
-from tcserve import prompt
+from tcserve.core import transcript as prompt
 from tcserve.api import sse
 from tcserve.api.disconnect import ClientDisconnected, until_disconnected
 from tcserve.api.errors import (
@@ -34,13 +34,13 @@ from tcserve.api.middleware import key_of, request_id_of
 from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import ServerState, server_state
-from tcserve.completions import CompletionEvent, Done, check_context, complete
+from tcserve.core.service import CompletionEvent, Done, check_context, complete
 from tcserve.config import ServedModel, Settings
 from tcserve.errors import DeadlineExceeded
-from tcserve.generation import HUMAN_STOP, GenerationRequest, SamplingParams
+from tcserve.core.request import HUMAN_STOP, GenerationRequest, SamplingParams
 from tcserve.ids import new_id
-from tcserve.keys import KeyRecord
-from tcserve.ledger import Usage, now_iso
+from tcserve.accounting.keys import KeyRecord
+from tcserve.accounting.ledger import Usage, now_iso
 
 router = APIRouter()
 

@@ -31,8 +31,8 @@ from tcserve.api.errors import (
 )
 from tcserve.api.sse import SlowReader
 from tcserve.ids import new_id
-from tcserve.keys import KeyRecord, KeySource
-from tcserve.limits import Limiter
+from tcserve.accounting.keys import KeyRecord, KeySource
+from tcserve.accounting.limits import Limiter
 from tcserve.logs import request_id_var
 
 log = logging.getLogger("tcserve.access")

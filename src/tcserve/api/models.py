@@ -11,7 +11,7 @@ from tcserve.api.headers import require_version
 from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import ModelInfo, ModelList
 from tcserve.api.state import server_state
-from tcserve.catalog import ModelEntry
+from tcserve.core.catalog import ModelEntry
 
 router = APIRouter(dependencies=[Depends(require_version)], responses=ERROR_RESPONSES)
 

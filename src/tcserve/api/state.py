@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from tcserve.api.metrics import Metrics
-from tcserve.catalog import Catalog
+from tcserve.core.catalog import Catalog
 from tcserve.config import Settings
 from tcserve.engines.base import Engine
 from tcserve.errors import EngineNotReady, ModelUnavailable, Overloaded
-from tcserve.ledger import Ledger
-from tcserve.limits import Limiter
+from tcserve.accounting.ledger import Ledger
+from tcserve.accounting.limits import Limiter
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tcserve.errors import Overloaded
-from tcserve.generation import EngineEvent, GenerationRequest
+from tcserve.core.request import EngineEvent, GenerationRequest
 
 
 @dataclass(frozen=True)

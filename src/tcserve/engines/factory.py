@@ -8,7 +8,7 @@ from pathlib import Path
 from tcserve.config import FakeModel, LlamaCppModel, ServedModel, UpstreamModel, default_threads
 from tcserve.engines.base import Engine
 from tcserve.engines.fake import FakeEngine
-from tcserve.engines.upstream import UpstreamEngine
+from tcserve.engines.upstream.engine import UpstreamEngine
 
 
 def build_engine(model: ServedModel) -> Engine:
@@ -23,7 +23,7 @@ def build_engine(model: ServedModel) -> Engine:
         )
     if isinstance(model, UpstreamModel):
         return UpstreamEngine(model)
-    from tcserve.engines.llamacpp import LlamaCppEngine  # imports llama.cpp only when needed
+    from tcserve.engines.llamacpp.engine import LlamaCppEngine  # imports llama.cpp only when needed
 
     return LlamaCppEngine(
         model.path,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from tcserve.engines.base import Admission, EngineStats
 from tcserve.errors import EngineFailure, EngineNotReady, Overloaded
-from tcserve.generation import EngineEvent, Finished, GenerationRequest, TextDelta
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
 
 EOS = "<eos>"
 """Put this in `reply` to make the fake model end there on its own."""

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from tcserve import __version__, logs, prompt
+from tcserve import __version__, logs
+from tcserve.core import transcript as prompt
 from tcserve.config import (
     DEFAULT_CONTEXT_SIZE,
     DEFAULT_MAX_QUEUE,
@@ -23,8 +24,8 @@ from tcserve.config import (
     Settings,
     load_models,
 )
-from tcserve.keys import CLI_KEY_PREFIX, KeyRecord, digest, new_key, read_keys, write_keys
-from tcserve.ledger import totals
+from tcserve.accounting.keys import CLI_KEY_PREFIX, KeyRecord, digest, new_key, read_keys, write_keys
+from tcserve.accounting.ledger import totals
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 

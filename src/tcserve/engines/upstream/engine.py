@@ -48,7 +48,7 @@ import httpx
 from tcserve.config import UpstreamModel
 from tcserve.engines.base import Admission, EngineStats
 from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded
-from tcserve.generation import EngineEvent, Finished, GenerationRequest, TextDelta
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
 
 log = logging.getLogger("tcserve.upstream")
 

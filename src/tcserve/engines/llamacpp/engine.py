@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tcserve.config import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PREFILL_BUDGET
 from tcserve.engines.base import Admission, EngineStats
-from tcserve.engines.batching import Job, Outcome, Scheduler, Stats
-from tcserve.engines.native import ContextParams, Model
-from tcserve.engines.sampling import Sampler
+from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler, Stats
+from tcserve.engines.llamacpp.native import ContextParams, Model
+from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.errors import EngineFailure, EngineNotReady, TCServeError
-from tcserve.generation import EngineEvent, Finished, GenerationRequest
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest
 
 log = logging.getLogger("tcserve.llamacpp")
 

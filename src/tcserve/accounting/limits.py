@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from tcserve.errors import RateLimited
-from tcserve.keys import KeyRecord
+from tcserve.accounting.keys import KeyRecord
 
 WINDOW = 60.0
 

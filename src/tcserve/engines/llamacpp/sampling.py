@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from tcserve.generation import SamplingParams
+from tcserve.core.request import SamplingParams
 
 FloatRow = npt.NDArray[np.float32]
 

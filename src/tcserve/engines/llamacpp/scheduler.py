@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tcserve.engines.native import Model
-from tcserve.engines.sampling import Sampler
+from tcserve.engines.llamacpp.native import Model
+from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.errors import EngineFailure, Overloaded
-from tcserve.generation import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
+from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
 
 log = logging.getLogger("tcserve.llamacpp")
 

@@ -10,8 +10,8 @@ from typing import Literal
 
 from tcserve.engines.base import Engine
 from tcserve.errors import ContextOverflow, EngineFailure
-from tcserve.generation import EngineEvent, Finished, GenerationRequest, TextDelta
-from tcserve.stops import StopMatch, StopMatcher
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
+from tcserve.core.stops import StopMatch, StopMatcher
 
 StopReason = Literal["stop_sequence", "max_tokens"]
 

@@ -1,0 +1,5 @@
+"""The tcserve command line."""
+
+from tcserve.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""The wire-free serving pipeline: validated request -> engine events -> stop matcher -> completion events."""

@@ -1,0 +1,1 @@
+"""The embedded engine: llama.cpp through llama-cpp-python, with continuous batching."""
