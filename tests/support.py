@@ -49,7 +49,7 @@ def serve_app(app: FastAPI, *, wait_ready: bool = True) -> Iterator[str]:
 
 def _wait_ready(app: FastAPI) -> None:
     deadline = time.monotonic() + 120
-    while not app.state.tcserve.ready:
+    while not app.state.tcserve.engines.ready:
         if time.monotonic() > deadline:
             raise RuntimeError("engines did not become ready")
         time.sleep(0.01)

@@ -37,7 +37,7 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, object]]]:
 def server(*models: FakeModel, **setting: object) -> Iterator[tuple[httpx.Client, dict[str, FakeEngine]]]:
     app = create_app(settings(**setting), list(models) or [fake_model(reply=REPLY)])
     with serve_app(app) as url, httpx.Client(base_url=url, headers=VERSION, timeout=30) as client:
-        yield client, app.state.tcserve.engines
+        yield client, app.state.tcserve.engines.by_name
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""GET /v1/models and /v1/models/{id}: the seed ids, order, paging, errors."""
+"""GET /v1/models and /v1/models/{id}: the Claude ids, order, paging, errors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from support import VERSION, fake_model, serve_app, settings
 from tcserve.api.app import create_app
-from tcserve.core.catalog import SEED_MODELS
+from tcserve.core.catalog import CLAUDE_MODELS
 
-SEED_IDS = [
+CLAUDE_IDS = [
     "claude-opus-4-6",
     "claude-opus-4-5-20251101",
     "claude-opus-4-5",
@@ -49,10 +49,10 @@ def all_ids(client: httpx.Client) -> list[str]:
     return [m["id"] for m in client.get("/v1/models", params={"limit": 1000}).json()["data"]]
 
 
-def test_every_seed_id_is_listed_and_served(client: httpx.Client) -> None:
-    assert len(SEED_IDS) == 21 and set(SEED_IDS) == set(SEED_MODELS)
-    assert set(SEED_IDS) <= set(all_ids(client))
-    for model_id in SEED_IDS:
+def test_every_claude_id_is_listed_and_served(client: httpx.Client) -> None:
+    assert len(CLAUDE_IDS) == 21 and set(CLAUDE_IDS) == set(CLAUDE_MODELS)
+    assert set(CLAUDE_IDS) <= set(all_ids(client))
+    for model_id in CLAUDE_IDS:
         prompt = "\n\nHuman: hi\n\nAssistant:"
         response = client.post("/v1/complete", json={"model": model_id, "prompt": prompt, "max_tokens_to_sample": 1})
         assert response.status_code == 200 and response.json()["model"] == model_id
@@ -132,7 +132,7 @@ def test_models_need_the_version_header(client: httpx.Client) -> None:
     assert response.status_code == 400
 
 
-def test_a_configured_model_can_claim_a_seed_id() -> None:
+def test_a_configured_model_can_claim_a_claude_id() -> None:
     claimed = fake_model(name="mine", aliases=["claude-haiku-4-5"], reply=" mine")
     other = fake_model(name="other", reply=" other")
     app = create_app(settings(), [other, claimed])
@@ -141,4 +141,4 @@ def test_a_configured_model_can_claim_a_seed_id() -> None:
         claimed_reply = httpx.post(f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-haiku-4-5"})
         default_reply = httpx.post(f"{url}/v1/complete", headers=VERSION, json={**post, "model": "claude-opus-4-6"})
     assert claimed_reply.json()["completion"] == " mine"
-    assert default_reply.json()["completion"] == " other"  # unclaimed seed ids go to the first model
+    assert default_reply.json()["completion"] == " other"  # unclaimed Claude ids go to the first model

@@ -51,7 +51,7 @@ def test_bad_flag_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def fake_server() -> Iterator[tuple[str, FakeEngine]]:
     app = create_app(settings(api_keys=(KEY,)), [fake_model(reply=" Blue light scatters more.")])
     with serve_app(app) as url:
-        yield url, app.state.tcserve.engines["fake"]
+        yield url, app.state.tcserve.engines.by_name["fake"]
 
 
 def test_complete_streams_and_wraps_a_bare_prompt(

@@ -197,7 +197,7 @@ def one_slot() -> Iterator[tuple[str, Any]]:
     model = LlamaCppModel(name="gemma-3-270m", context_size=1024, parallel=1, max_queue=1)
     app = create_app(settings(ping_interval=0.05), [model])
     with serve_app(app) as url:
-        yield url, app.state.tcserve.engines["gemma-3-270m"]
+        yield url, app.state.tcserve.engines.by_name["gemma-3-270m"]
 
 
 def _stream(stack: ExitStack, url: str, **overrides: object) -> Iterator[str]:

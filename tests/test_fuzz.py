@@ -23,7 +23,8 @@ from support import fake_model, serve_app
 from support import settings as server_settings
 from tcserve.api.app import create_app
 from tcserve.api.complete import parse_completion_request
-from tcserve.api.errors import InvalidRequestError
+from tcserve.api.errors import to_api_error
+from tcserve.errors import InvalidRequest
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 VOCABULARY = {
@@ -99,7 +100,8 @@ fields = st.sampled_from(["model", "prompt", "max_tokens_to_sample", "stop_seque
 def test_the_parser_accepts_or_says_why(value: object) -> None:
     try:
         request = parse_completion_request(json.dumps(value).encode())
-    except InvalidRequestError as error:
-        assert error.status == 400 and error.message
+    except InvalidRequest as error:
+        api_error = to_api_error(error, "req_test")
+        assert api_error.status == 400 and api_error.message
     else:
         assert isinstance(request.max_tokens_to_sample, int) and request.max_tokens_to_sample >= 1

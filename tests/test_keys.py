@@ -10,12 +10,12 @@ import httpx
 import pytest
 
 from support import PROMPT, VERSION, fake_model, serve_app, settings
+from tcserve.accounting.keys import KeyRecord, digest, read_keys, write_keys
+from tcserve.accounting.limits import Limiter
 from tcserve.api.app import create_app
 from tcserve.cli import main
 from tcserve.config import ConfigError
 from tcserve.errors import RateLimited
-from tcserve.accounting.keys import KeyRecord, digest, read_keys, write_keys
-from tcserve.accounting.limits import Limiter
 
 CLI_KEY = "sk-cli-unlimited"
 
@@ -192,7 +192,10 @@ def test_a_tightened_request_limit_holds_while_old_requests_finish() -> None:
 
 @pytest.mark.parametrize(
     ("names", "message"),
-    [(["a", "a"], "two keys are named 'a'"), (["cli-key-1"], "names starting with 'cli-key-' are for --api-key")],
+    [
+        (["a", "a"], "a key named 'a' exists already"),
+        (["cli-key-1"], "names starting with 'cli-key-' are for --api-key"),
+    ],
 )
 def test_key_names_are_unique_and_not_those_of_command_line_keys(
     tmp_path: Path, names: list[str], message: str

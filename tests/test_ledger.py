@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from support import PROMPT, VERSION, fake_model, free_port, serve_app, settings, wait_healthy
+from tcserve.accounting.keys import KeyRecord, digest, write_keys
 from tcserve.api.app import create_app
 from tcserve.cli import main
-from tcserve.accounting.keys import KeyRecord, digest, write_keys
 
 
 def rows(data_dir: Path) -> dict[str, tuple[str, str, int, int, str, str]]:

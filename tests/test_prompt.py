@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from tcserve.errors import PromptError
+from tcserve.core.request import CompletionCall
 from tcserve.core.transcript import BAD_END, BAD_START, prepare, sanitise, wrap_bare_prompt
+from tcserve.core.validate import to_generation_request
+from tcserve.errors import PromptError
 
 ACCEPTED = [
     ("\n\nHuman: Hello\n\nAssistant:", "\n\nHuman: Hello\n\nAssistant:"),
@@ -54,7 +56,10 @@ def test_messages_carry_real_newlines() -> None:
 
 
 def test_raw_mode_passes_the_prompt_untouched() -> None:
-    assert prepare("Once upon a time ", check_transcript=False) == "Once upon a time "
+    call = CompletionCall("req_test", "m", "Once upon a time ", 8)
+    assert to_generation_request(call, check_transcript=False).prompt == "Once upon a time "
+    with pytest.raises(PromptError):
+        to_generation_request(call, check_transcript=True)
 
 
 def test_sanitise_only_prefixes_a_leading_human() -> None:

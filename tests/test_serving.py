@@ -29,7 +29,7 @@ def body(**overrides: object) -> dict[str, object]:
 def slow_server() -> Iterator[tuple[str, FakeEngine]]:
     app = create_app(settings(), [fake_model(capacity=1, **SLOW)])
     with serve_app(app) as url:
-        yield url, app.state.tcserve.engines["fake"]
+        yield url, app.state.tcserve.engines.by_name["fake"]
 
 
 def wait_until_idle(engine: FakeEngine) -> None:
@@ -139,7 +139,7 @@ def test_a_client_that_stops_reading_is_cut_off_without_delaying_others() -> Non
     big = " " + "x" * 65536
     app = create_app(settings(slow_reader_timeout=0.5), [fake_model(reply=big * 400)])
     with serve_app(app) as url:
-        engine = app.state.tcserve.engines["fake"]
+        engine = app.state.tcserve.engines.by_name["fake"]
         port = int(url.rsplit(":", 1)[1])
         payload = json.dumps(body(stream=True, max_tokens_to_sample=400)).encode()
         with socket.create_connection(("127.0.0.1", port)) as reader:

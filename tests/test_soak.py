@@ -27,7 +27,7 @@ def test_small_soak() -> None:
     app = create_app(settings(), [model])
     with serve_app(app) as url:
         report = asyncio.run(run_soak(url, clients=8, requests=10, max_tokens=8))
-        engine = app.state.tcserve.engines["gemma-3-270m"]
+        engine = app.state.tcserve.engines.by_name["gemma-3-270m"]
         for _ in range(500):
             if engine.stats().running == 0:
                 break

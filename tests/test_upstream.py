@@ -116,7 +116,7 @@ def tcserve(upstreams: list[Upstream]) -> Iterator[tuple[anthropic.Anthropic, An
 
 
 def _engine(app: Any) -> Any:
-    return app.state.tcserve.engines["upstream-gemma"]
+    return app.state.tcserve.engines.by_name["upstream-gemma"]
 
 
 def _wait_replicas_up(app: Any, count: int) -> None:

@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from tcserve.config import UpstreamModel
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
+from tcserve.engines.factory import upstream_settings
 from tcserve.engines.upstream.engine import UpstreamEngine
 from tcserve.errors import EngineFailure
-from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
 
 URL = "http://replica-a:8000"
 
@@ -47,6 +48,8 @@ class Replica:
                 assert isinstance(outcome, httpx.Response)
                 return outcome
             return httpx.Response(200)
+        if request.url.path in ("/tokenize", "/extras/tokenize"):
+            return httpx.Response(404)  # a server that cannot count tokens for us
         assert request.url.path == "/v1/completions"
         return httpx.Response(200, content=self._tracked(), headers={"content-type": "text/event-stream"})
 
@@ -64,7 +67,7 @@ async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException |
         "name": "m", "engine": "upstream", "urls": [URL], "context_size": 512,
         "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
     })  # fmt: skip
-    engine = UpstreamEngine(model, transport=httpx.MockTransport(replica))
+    engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(replica))
     await engine.start()
     events: list[EngineEvent] = []
     try:
@@ -123,4 +126,4 @@ async def test_a_slow_prompt_survives_a_health_check_that_times_out(silence: flo
 
     events, error = await generate(Replica(stream, slow))
     assert error is None
-    assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens", 0, 0)]
+    assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]

@@ -135,7 +135,7 @@ def test_the_context_comes_from_vllm(vllm: VllmServer, tcserve: tuple[anthropic.
     models = httpx.get(f"{vllm.url}/v1/models", timeout=10).json()["data"]
     assert [(m["id"], m["max_model_len"]) for m in models] == [(SERVED_NAME, MAX_MODEL_LEN)]
     _, app = tcserve
-    assert app.state.tcserve.engines[MODEL].context_size == MAX_MODEL_LEN
+    assert app.state.tcserve.engines.by_name[MODEL].context_size == MAX_MODEL_LEN
 
 
 def test_create_and_stream_agree_with_vllm(raw: str, tcserve: tuple[anthropic.Anthropic, Any]) -> None:
@@ -212,7 +212,7 @@ def test_stops_beyond_stop_limit_are_enforced_by_tcserve(vllm: VllmServer, raw: 
     with serve_app(app) as url, _client(url) as client:
         stopped = greedy(client, stop_sequences=[STOP])
         events = list(greedy(client, stop_sequences=[STOP], stream=True))
-        engine = app.state.tcserve.engines[MODEL]
+        engine = app.state.tcserve.engines.by_name[MODEL]
         for _ in range(100):  # the closed upstream streams are released
             if engine.stats().running == 0:
                 break

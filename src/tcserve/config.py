@@ -6,14 +6,26 @@ reads the model table, and `api.app.create_app(settings)` builds the server.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tcserve.errors import validation_message
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 DEFAULT_CONTEXT_SIZE = 8192
@@ -110,38 +122,177 @@ class _ModelTable(BaseModel):
         return value
 
 
+def cli(
+    flag: str | None = None,
+    *,
+    metavar: str | None = None,
+    repeat: bool = False,
+    const: bool | None = None,
+    default: str | None = None,
+    model_default: str | None = None,
+) -> dict[str, Any]:
+    """How a setting appears on `tcserve serve`'s command line (cli/flags.py reads it):
+    `flag` (default: the field's name with dashes; "" for none), a repeatable flag
+    (`repeat`), a switch that stores `const`, the default as `--help` shows it, or the
+    field of the default model's config whose default applies (`model_default`)."""
+    return {"cli": {"flag": flag, "metavar": metavar, "repeat": repeat, "const": const, "default": default,
+                    "model_default": model_default}}  # fmt: skip
+
+
 class Settings(BaseSettings):
-    """Everything the server needs, from flags (highest), `TCSERVE_*` variables, then defaults."""
+    """Everything the server needs, from flags (highest), `TCSERVE_*` variables, then
+    defaults. This is the one definition of every server setting: `tcserve serve`'s
+    flags, their help and their defaults are generated from it."""
 
     model_config = SettingsConfigDict(env_prefix="TCSERVE_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    config: Path | None = None
-    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
-    keys_file: Path | None = None
-    data_dir: Path | None = None
-    model_path: Path | None = None
-    ctx_size: int | None = Field(None, ge=16)
-    threads: int | None = Field(None, ge=1)
-    parallel: int | None = Field(None, ge=1, le=256)
-    max_queue: int | None = Field(None, ge=0)
-    prefix_cache: bool | None = None
-    prefill_budget: int | None = Field(None, ge=1, le=8192)
-    reuse_generated: bool | None = None
-    shutdown_timeout: float = Field(30.0, ge=0)
-    max_body_bytes: int = Field(32 * MiB, ge=1)
-    max_prompt_chars: int = Field(4 * MiB, ge=1)
-    max_stop_sequences: int = Field(64, ge=0)
-    max_stop_chars: int = Field(1024, ge=1)
-    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
-    ping_interval: float = Field(15.0, gt=0)
-    header_timeout: float = Field(10.0, gt=0)
-    body_timeout: float = Field(30.0, gt=0)
-    request_timeout: float = Field(600.0, gt=0)
-    slow_reader_timeout: float = Field(30.0, gt=0)
-    seed_model_ids: bool = True
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8080, ge=0, le=65535, description="port to bind")
+    config: Path | None = Field(
+        None, description="TOML model table (see README)", json_schema_extra=cli(metavar="FILE")
+    )
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="accept this key in x-api-key or Authorization: Bearer; repeat for several "
+        "(env: comma-separated); with none the server is open",
+        json_schema_extra=cli("--api-key", metavar="KEY", repeat=True, default="none"),
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="named keys with model permissions and per-minute limits, re-read when it changes "
+        "(see `tcserve keys`)",
+        json_schema_extra=cli(metavar="FILE"),
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="folder for the usage ledger (usage.sqlite3); without it nothing is recorded",
+        json_schema_extra=cli(metavar="DIR"),
+    )
+    model_path: Path | None = Field(
+        None,
+        description="GGUF file to serve as the default model",
+        json_schema_extra=cli(metavar="FILE", default="the packaged Gemma 3 270M"),
+    )
+    ctx_size: int | None = Field(
+        None,
+        ge=16,
+        description="context tokens of each request, prompt + completion",
+        json_schema_extra=cli(metavar="N", model_default="context_size"),
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp", json_schema_extra=cli(metavar="N", default="every core")
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="sequences decoded together in one batch; each gets --ctx-size tokens",
+        json_schema_extra=cli(metavar="N", model_default="parallel"),
+    )
+    max_queue: int | None = Field(
+        None,
+        ge=0,
+        description="requests that may wait for a free sequence; beyond that, 529",
+        json_schema_extra=cli(metavar="N", model_default="max_queue"),
+    )
+    prefill_budget: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="prompt tokens of newcomers one batching step may add beside the running sequences: lower "
+        "gives a burst's first tokens sooner, higher processes long prompts under load faster; at least one "
+        "128-token chunk",
+        json_schema_extra=cli(metavar="N", model_default="prefill_budget"),
+    )
+    reuse_generated: bool | None = Field(
+        None,
+        description="also reuse the cache of generated tokens (a conversation's earlier answers): the next turn "
+        "computes only its new text, but a greedy request's text may then depend on what was cached before",
+        json_schema_extra=cli(const=True, default="off"),
+    )
+    prefix_cache: bool | None = Field(
+        None,
+        description="do not reuse the cache of a shared prompt prefix (for benchmarks)",
+        json_schema_extra=cli("--no-prefix-cache", const=False, default="reuse on"),
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM/Ctrl-C, seconds running requests may finish before they are ended",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    max_body_bytes: int = Field(
+        32 * MiB,
+        ge=1,
+        description="larger request bodies get 413",
+        json_schema_extra=cli(metavar="N", default="32 MiB"),
+    )
+    max_prompt_chars: int = Field(
+        4 * MiB,
+        ge=1,
+        description="longer prompts get 400 before they are tokenized",
+        json_schema_extra=cli(metavar="N", default="4 Mi"),
+    )
+    max_stop_sequences: int = Field(
+        64, ge=0, description="more stop_sequences get 400", json_schema_extra=cli(metavar="N")
+    )
+    max_stop_chars: int = Field(
+        1024, ge=1, description="a longer stop sequence gets 400", json_schema_extra=cli(metavar="N")
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="allow browser requests from this origin (repeat; env: comma-separated)",
+        json_schema_extra=cli("--cors-origin", metavar="ORIGIN", repeat=True, default="CORS off"),
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client may take to send a request's headers before it is disconnected",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a client may take to send its request body",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    request_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="seconds a completion may run before it is ended",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    slow_reader_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a streaming client may stop reading before its stream is ended",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    ping_interval: float = Field(
+        15.0,
+        gt=0,
+        description="seconds of silence before a stream gets a ping event",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    claude_model_ids: bool = Field(
+        True,
+        description="answer every Claude id of the SDKs' model list (served by the default model); false: only "
+        "configured names and aliases (no flag; TCSERVE_CLAUDE_MODEL_IDS)",
+        json_schema_extra=cli(""),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_seed_variable(cls, data: object) -> object:
+        """TCSERVE_SEED_MODEL_IDS was this setting's first name; it keeps working for now."""
+        old = os.environ.get("TCSERVE_SEED_MODEL_IDS")
+        if old is None or "TCSERVE_CLAUDE_MODEL_IDS" in os.environ or not isinstance(data, dict):
+            return data
+        logging.getLogger("tcserve").warning(
+            "TCSERVE_SEED_MODEL_IDS is deprecated and will be removed: use TCSERVE_CLAUDE_MODEL_IDS"
+        )
+        return {"claude_model_ids": old, **data}
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -191,9 +342,7 @@ def _read_table(path: Path) -> list[ServedModel]:
     try:
         table = _ModelTable.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"config file {path}: {where}: {first['msg']}") from None
+        raise ConfigError(f"config file {path}: {validation_message(error.errors())}") from None
     return [_resolve_relative(m, path.parent) for m in table.models]
 
 

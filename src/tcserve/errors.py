@@ -4,6 +4,7 @@
     ├── InvalidRequest        the caller asked for something we will not do
     │   ├── PromptError       the Human/Assistant transcript breaks the rules
     │   └── ContextOverflow   prompt + max_tokens_to_sample exceed the context
+    ├── PermissionDenied      the caller's key may not use that model
     ├── ModelNotFound         no model answers to that id
     ├── Overloaded            no room now; try again after `retry_after` seconds
     ├── RateLimited           the caller's key is over a per-minute limit
@@ -17,6 +18,9 @@
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 
 class TCServeError(Exception):
@@ -39,6 +43,10 @@ class ContextOverflow(InvalidRequest):
         super().__init__(
             f"prompt is too long: {prompt_tokens} tokens + {max_tokens} max_tokens_to_sample > {context_size} context"
         )
+
+
+class PermissionDenied(TCServeError):
+    pass
 
 
 class ModelNotFound(TCServeError):
@@ -77,3 +85,14 @@ class ModelUnavailable(TCServeError):
 
 class EngineFailure(TCServeError):
     """The engine failed. `str(error)` goes to the log, never to the client."""
+
+
+def validation_message(problems: Sequence[Mapping[str, Any]], skip: Collection[str] = ()) -> str:
+    """`field.sub: message` for the first problem pydantic found, as Anthropic words it
+    (`max_tokens_to_sample: Field required`); parts of the location named in `skip`
+    (the HTTP edge's `body`, `query`, ...) are left out."""
+    if not problems:
+        return "Invalid request"
+    first = problems[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part not in skip)
+    return f"{where}: {first['msg']}" if where else str(first["msg"])

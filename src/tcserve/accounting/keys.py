@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 import time
 import tomllib
 from collections.abc import Iterable
@@ -28,12 +27,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tcserve.clock import iso_z
 from tcserve.config import ConfigError
+from tcserve.errors import validation_message
+from tcserve.ids import random_base58
 
 log = logging.getLogger("tcserve.keys")
 KEY_PREFIX = "sk-tc-"
 CLI_KEY_PREFIX = "cli-key-"
-_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
 class KeyRecord(BaseModel):
@@ -57,13 +58,20 @@ class _KeysFile(BaseModel):
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> _KeysFile:
-        # Limits are kept per name: two keys with one name would share (and fight over) them.
-        names = [record.name for record in self.keys]
-        if duplicate := next((name for name in names if names.count(name) > 1), None):
-            raise ValueError(f"two keys are named {duplicate!r}")
-        if reserved := next((name for name in names if name.startswith(CLI_KEY_PREFIX)), None):
-            raise ValueError(f"key name {reserved!r}: names starting with {CLI_KEY_PREFIX!r} are for --api-key keys")
+        seen: list[KeyRecord] = []
+        for record in self.keys:
+            check_new_name(record.name, seen)
+            seen.append(record)
         return self
+
+
+def check_new_name(name: str, existing: Iterable[KeyRecord]) -> None:
+    """Limits are kept per name: two keys with one name would share (and fight over)
+    them, and so would a key named like the command line's keys."""
+    if any(record.name == name for record in existing):
+        raise ValueError(f"a key named {name!r} exists already")
+    if name.startswith(CLI_KEY_PREFIX):
+        raise ValueError(f"key name {name!r}: names starting with {CLI_KEY_PREFIX!r} are for --api-key keys")
 
 
 def digest(key: str) -> str:
@@ -71,7 +79,7 @@ def digest(key: str) -> str:
 
 
 def new_key() -> str:
-    return KEY_PREFIX + "".join(secrets.choice(_ALPHABET) for _ in range(40))
+    return KEY_PREFIX + random_base58(40)
 
 
 def unlimited(key: str, index: int) -> KeyRecord:
@@ -181,9 +189,7 @@ def _parse(data: bytes | None, path: Path) -> list[KeyRecord]:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"keys file {path}: {error}") from None
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        raise ConfigError(f"keys file {path}: {where + ': ' if where else ''}{first['msg']}") from None
+        raise ConfigError(f"keys file {path}: {validation_message(error.errors())}") from None
 
 
 def read_keys(path: Path) -> list[KeyRecord]:
@@ -206,7 +212,7 @@ def write_keys(path: Path, records: Iterable[KeyRecord]) -> None:
 
 def _toml(value: object) -> str:
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return iso_z(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, tuple | list):

@@ -2,7 +2,7 @@
 
 Writes go to one writer thread with its own connection, in WAL mode, batched:
 whatever is queued when a transaction starts is committed together. `record`
-returns once the row is committed, so the HTTP edge can await it before it
+returns once the row is committed, so the serving core can await it before it
 sends the final event: a request its client saw finish is in the ledger even
 if the server is killed right after (a committed WAL transaction survives a
 process crash). Nothing here runs on the event loop or the engine's thread.
@@ -17,10 +17,12 @@ import sqlite3
 import threading
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger("tcserve.ledger")
+
+LEDGER_FILE = "usage.sqlite3"
+"""The ledger's file name inside --data-dir."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -39,7 +41,7 @@ CREATE INDEX IF NOT EXISTS usage_finished_at ON usage (finished_at);
 
 
 @dataclass(frozen=True)
-class Usage:
+class UsageRow:
     request_id: str
     key_name: str | None
     model: str
@@ -52,25 +54,21 @@ class Usage:
     finished_at: str
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 class Ledger:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._queue: queue.SimpleQueue[tuple[Usage, Future[None]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[UsageRow, Future[None]] | None] = queue.SimpleQueue()
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
         self._thread.start()
         self._ready.result()  # fail at start-up, not at the first request, if the file is unusable
 
-    async def record(self, usage: Usage) -> None:
+    async def record(self, usage: UsageRow) -> None:
         """Commit the row; returns when it is on disk (in the WAL)."""
         await asyncio.wrap_future(self.submit(usage))
 
-    def submit(self, usage: Usage) -> Future[None]:
+    def submit(self, usage: UsageRow) -> Future[None]:
         """Queue the row without waiting (for requests that ended without a client)."""
         done: Future[None] = Future()
         self._queue.put((usage, done))
@@ -100,7 +98,7 @@ class Ledger:
             self._write(connection, batch)
         connection.close()
 
-    def _write(self, connection: sqlite3.Connection, batch: list[tuple[Usage, Future[None]]]) -> None:
+    def _write(self, connection: sqlite3.Connection, batch: list[tuple[UsageRow, Future[None]]]) -> None:
         try:
             with connection:  # one transaction for the batch
                 connection.executemany(

@@ -11,11 +11,13 @@ requests wait out). Lives on the event loop: no locks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tcserve.errors import RateLimited
 from tcserve.accounting.keys import KeyRecord
+from tcserve.clock import iso_z
+from tcserve.errors import RateLimited
 
 WINDOW = 60.0
 
@@ -23,12 +25,8 @@ WINDOW = 60.0
 @dataclass
 class Bucket:
     limit: int
-    level: float = -1.0
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        if self.level < 0:
-            self.level = float(self.limit)
+    level: float
+    updated: float
 
     def refill(self, now: float) -> None:
         self.level = min(self.limit, self.level + (now - self.updated) * self.limit / WINDOW)
@@ -61,14 +59,16 @@ class _KeyBuckets:
 
 
 class Limiter:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._keys: dict[str, _KeyBuckets] = {}
+        self.clock = clock
+        """Seconds, monotonic; a test can stop it to read exact bucket levels."""
 
     def admit(self, key: KeyRecord, input_tokens: int) -> None:
         """Take one request and the prompt's tokens, or raise `RateLimited` (taking nothing).
         `key` is the record in force now: its limits apply from this request on."""
         buckets = self._buckets(key, current=True)
-        now = time.monotonic()
+        now = self.clock()
         needs = {"requests": 1.0, "input-tokens": float(input_tokens), "output-tokens": 1.0}
         waits = []
         for name, bucket in buckets.all():
@@ -84,15 +84,16 @@ class Limiter:
                 bucket.level -= needs[name]
 
     def charge_output(self, key: KeyRecord, tokens: int) -> None:
-        buckets = self._buckets(key)
-        if buckets.output is not None:
-            buckets.output.refill(time.monotonic())
-            buckets.output.level -= tokens
+        _charge(self._buckets(key).output, tokens, self.clock())
+
+    def charge_input(self, key: KeyRecord, tokens: int) -> None:
+        """Prompt tokens known only at the end (an engine that cannot count them first)."""
+        _charge(self._buckets(key).input, tokens, self.clock())
 
     def headers(self, key: KeyRecord) -> dict[str, str]:
         """`anthropic-ratelimit-*` headers for a key with limits ({} for an unlimited key)."""
         buckets = self._buckets(key)
-        now = time.monotonic()
+        now = self.clock()
         headers: dict[str, str] = {}
         token_buckets = []
         for name, bucket in buckets.all():
@@ -112,19 +113,28 @@ class Limiter:
         limits = (key.requests_per_minute, key.input_tokens_per_minute, key.output_tokens_per_minute)
         buckets = self._keys.get(key.name)
         if buckets is None:
-            buckets = self._keys[key.name] = _KeyBuckets(*map(_bucket, limits))
+            now = self.clock()
+            buckets = self._keys[key.name] = _KeyBuckets(*(_bucket(limit, now) for limit in limits))
         elif current:
-            buckets.apply(limits, time.monotonic())
+            buckets.apply(limits, self.clock())
         return buckets
 
 
-def _bucket(limit: int | None) -> Bucket | None:
-    return None if limit is None else Bucket(limit)
+def _charge(bucket: Bucket | None, tokens: int, now: float) -> None:
+    """Take tokens already spent: the bucket may go into debt, which later requests wait out."""
+    if bucket is not None:
+        bucket.refill(now)
+        bucket.level -= tokens
+
+
+def _bucket(limit: int | None, now: float) -> Bucket | None:
+    """A full bucket (or none, without a limit)."""
+    return None if limit is None else Bucket(limit, float(limit), now)
 
 
 def _changed(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | None:
     if bucket is None or limit is None:
-        return _bucket(limit)  # a limit added (a full bucket) or removed (none)
+        return _bucket(limit, now)  # a limit added (a full bucket) or removed (none)
     if bucket.limit != limit:
         bucket.refill(now)
         bucket.limit = limit
@@ -133,7 +143,7 @@ def _changed(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | N
 
 
 def _bucket_headers(name: str, bucket: Bucket, level: float, to_full: float) -> dict[str, str]:
-    reset = datetime.fromtimestamp(time.time() + to_full, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    reset = iso_z(datetime.fromtimestamp(time.time() + to_full, UTC))
     prefix = f"anthropic-ratelimit-{name}"
     return {
         f"{prefix}-limit": str(bucket.limit),

@@ -11,11 +11,16 @@ from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from tcserve import __version__
+from tcserve.accounting.keys import KeySource, unlimited
+from tcserve.accounting.ledger import LEDGER_FILE, Ledger
+from tcserve.accounting.limits import Limiter
+from tcserve.accounting.metrics import Metrics
 from tcserve.api import complete, models
 from tcserve.api.errors import (
     INTERNAL_MESSAGE,
@@ -24,23 +29,22 @@ from tcserve.api.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
+    edge_validation_message,
     error_body,
     error_response,
     to_api_error,
-    validation_message,
 )
-from tcserve.api.metrics import Metrics, metrics_endpoint
 from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.openapi import describe_the_real_wire
-from tcserve.api.state import ServerState
-from tcserve.core.catalog import Catalog
+from tcserve.api.state import ServerState, server_state
 from tcserve.config import ServedModel, Settings, load_models
+from tcserve.core.catalog import Catalog
+from tcserve.core.engines import Engines
+from tcserve.core.service import CompletionService, ServicePolicy
+from tcserve.core.validate import RequestCaps
 from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError
-from tcserve.accounting.keys import KeySource, unlimited
-from tcserve.accounting.ledger import Ledger
-from tcserve.accounting.limits import Limiter
 
 log = logging.getLogger("tcserve")
 
@@ -55,25 +59,27 @@ def create_app(
     """`model_table` defaults to `load_models(settings)`; tests pass their own."""
     served = list(model_table) if model_table is not None else load_models(settings)
     created = {model.name: model_file_date(model) or datetime.now(UTC) for model in served}
-    catalog = Catalog.build(served, created, seed_ids=settings.seed_model_ids)
+    catalog = Catalog.build(served, created, claude_ids=settings.claude_model_ids)
     limiter = Limiter()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engines = {model.name: engine_factory(model) for model in served}
-        ledger = Ledger(settings.data_dir / "usage.sqlite3") if settings.data_dir else None
-        state = ServerState(settings, catalog, engines, Metrics(engines), limiter, ledger)
+        engines = Engines({model.name: engine_factory(model) for model in served})
+        ledger = Ledger(settings.data_dir / LEDGER_FILE) if settings.data_dir else None
+        metrics = Metrics(engines.by_name)
+        service = CompletionService(catalog, engines, service_policy(settings), limiter, metrics, ledger)
+        state = ServerState(settings, catalog, engines, metrics, service, limiter, ledger)
         app.state.tcserve = state
         _warn_if_open(settings)
-        background = [asyncio.create_task(_load(state, name)) for name in engines]
-        background.append(asyncio.create_task(state.metrics.run_sampler()))
+        background = [asyncio.create_task(engines.load(name)) for name in engines.by_name]
+        background.append(asyncio.create_task(metrics.run_sampler()))
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await state.close_engines()
+            await engines.close()
             if ledger is not None:
                 await asyncio.to_thread(ledger.close)
 
@@ -105,25 +111,26 @@ def create_app(
     return app
 
 
-async def _load(state: ServerState, name: str) -> None:
-    log.info("loading model %s", name)
-    try:
-        await state.engines[name].start()
-    except Exception as error:
-        state.load_failures[name] = str(error)
-        log.error("model %s failed to load: %s (requests for it get 500; /health says 503)", name, error)
-        return
-    log.info("model %s is ready", name)
+def service_policy(settings: Settings) -> ServicePolicy:
+    caps = RequestCaps(settings.max_prompt_chars, settings.max_stop_sequences, settings.max_stop_chars)
+    return ServicePolicy(caps=caps, request_timeout=settings.request_timeout)
 
 
 async def health(request: Request) -> Response:
-    state: ServerState = request.app.state.tcserve
-    status = state.model_status()
-    if state.ready:
-        return JSONResponse({"status": "ok", "models": status})
-    problem = "A model failed to load" if state.load_failures else "The model is still loading"
+    engines = server_state(request).engines
+    extra: dict[str, object] = {"models": engines.status()}
+    if warnings := engines.warnings():
+        extra["warnings"] = warnings
+    if engines.ready:
+        return JSONResponse({"status": "ok", **extra})
+    problem = "A model failed to load" if engines.load_failures else "The model is still loading"
     body = error_body(InternalServerError(problem), request_id_of(request.scope))
-    return JSONResponse({**body, "models": status}, status_code=503, headers={"retry-after": "1"})
+    return JSONResponse({**body, **extra}, status_code=503, headers={"retry-after": "1"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    registry = server_state(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -146,7 +153,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
-        api_error = InvalidRequestError(validation_message(error.errors()))
+        api_error = InvalidRequestError(edge_validation_message(error.errors()))
         return error_response(api_error, request_id_of(request.scope))
 
     app.add_exception_handler(APIError, on_error)

@@ -99,6 +99,8 @@ def to_api_error(error: BaseException, request_id: str) -> APIError:
             return error
         case errors.InvalidRequest():
             return InvalidRequestError(str(error))
+        case errors.PermissionDenied():
+            return PermissionDeniedError(str(error))
         case errors.ModelNotFound():
             return NotFoundError(str(error))
         case errors.Overloaded() | errors.EngineNotReady():
@@ -135,12 +137,9 @@ def error_event_data(error: APIError, request_id: str) -> str:
     return json.dumps(error_body(error, request_id), separators=(",", ":"), ensure_ascii=False)
 
 
-def validation_message(problems: Sequence[Any]) -> str:
-    """`field.sub: message` for the first problem pydantic found, as Anthropic words it
-    (`max_tokens_to_sample: Field required`). FastAPI's location prefixes
-    (`body`, `query`, `header`) are dropped."""
-    if not problems:
-        return "Invalid request"
-    first = problems[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "header", "path")]
-    return f"{'.'.join(loc)}: {first['msg']}" if loc else str(first["msg"])
+FASTAPI_LOCATIONS = ("body", "query", "header", "path")
+"""The location prefixes FastAPI puts before a field's name; the wire shows the field only."""
+
+
+def edge_validation_message(problems: Sequence[Any]) -> str:
+    return errors.validation_message(problems, skip=FASTAPI_LOCATIONS)

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Header
 
-from tcserve.api.errors import InvalidRequestError
 from tcserve.api.protocol import SUPPORTED_VERSIONS
+from tcserve.errors import InvalidRequest
 
 
 def require_version(
@@ -16,7 +16,7 @@ def require_version(
     ] = None,
 ) -> str:
     if anthropic_version is None:
-        raise InvalidRequestError("anthropic-version: header is required")
+        raise InvalidRequest("anthropic-version: header is required")
     if anthropic_version not in SUPPORTED_VERSIONS:
-        raise InvalidRequestError(f'anthropic-version: "{anthropic_version}" is not a valid version')
+        raise InvalidRequest(f'anthropic-version: "{anthropic_version}" is not a valid version')
     return anthropic_version

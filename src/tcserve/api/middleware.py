@@ -22,6 +22,8 @@ import time
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tcserve.accounting.keys import KeyRecord, KeySource
+from tcserve.accounting.limits import Limiter
 from tcserve.api.errors import (
     APIError,
     AuthenticationError,
@@ -31,8 +33,6 @@ from tcserve.api.errors import (
 )
 from tcserve.api.sse import SlowReader
 from tcserve.ids import new_id
-from tcserve.accounting.keys import KeyRecord, KeySource
-from tcserve.accounting.limits import Limiter
 from tcserve.logs import request_id_var
 
 log = logging.getLogger("tcserve.access")

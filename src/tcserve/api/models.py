@@ -6,19 +6,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from tcserve.api.errors import InvalidRequestError
 from tcserve.api.headers import require_version
 from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import ModelInfo, ModelList
 from tcserve.api.state import server_state
+from tcserve.clock import iso_z
 from tcserve.core.catalog import ModelEntry
+from tcserve.errors import InvalidRequest
 
 router = APIRouter(dependencies=[Depends(require_version)], responses=ERROR_RESPONSES)
 
 
 def model_info(entry: ModelEntry) -> ModelInfo:
-    created = entry.created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return ModelInfo(id=entry.id, display_name=entry.display_name, created_at=created)
+    return ModelInfo(id=entry.id, display_name=entry.display_name, created_at=iso_z(entry.created_at))
 
 
 @router.get("/v1/models", response_model=ModelList, summary="List models")
@@ -52,7 +52,7 @@ async def list_models(
 
 def _position(index: int | None, name: str, model_id: str) -> int:
     if index is None:
-        raise InvalidRequestError(f"{name}: no model with id {model_id!r}")
+        raise InvalidRequest(f"{name}: no model with id {model_id!r}")
     return index
 
 

@@ -44,16 +44,16 @@ class DrainingServer(uvicorn.Server):
         # clean drain, and a drained server should exit 0.
         log.info("%s: draining (new requests get 529; %.0fs for running ones)",
                  signal.Signals(sig).name, self._shutdown_timeout)  # fmt: skip
-        state.draining = True
+        state.engines.draining = True
         self._drain = asyncio.get_event_loop().create_task(self._drain_then_exit(state))
 
     async def _drain_then_exit(self, state: ServerState) -> None:
         deadline = time.monotonic() + self._shutdown_timeout
-        while state.busy() and time.monotonic() < deadline:
+        while state.engines.busy() and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
-        if state.busy():
+        if state.engines.busy():
             log.warning("shutdown timeout: ending the requests still running with an error event")
-        await state.close_engines()
+        await state.engines.close()
         self.should_exit = True
 
 

@@ -14,18 +14,12 @@ import httpx
 from pydantic import ValidationError
 
 from tcserve import __version__, logs
-from tcserve.core import transcript as prompt
-from tcserve.config import (
-    DEFAULT_CONTEXT_SIZE,
-    DEFAULT_MAX_QUEUE,
-    DEFAULT_PARALLEL,
-    DEFAULT_PREFILL_BUDGET,
-    ConfigError,
-    Settings,
-    load_models,
-)
-from tcserve.accounting.keys import CLI_KEY_PREFIX, KeyRecord, digest, new_key, read_keys, write_keys
-from tcserve.accounting.ledger import totals
+from tcserve.accounting.keys import KeyRecord, check_new_name, digest, new_key, read_keys, write_keys
+from tcserve.accounting.ledger import LEDGER_FILE, totals
+from tcserve.cli.flags import add_settings_flags, given_settings
+from tcserve.config import ConfigError, Settings, load_models
+from tcserve.core import transcript
+from tcserve.errors import validation_message
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
@@ -51,112 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="start the server", description=_SERVE_HELP)
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1; env TCSERVE_HOST)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8080; env TCSERVE_PORT)")
-    serve.add_argument("--config", type=Path, help="TOML model table (see README; env TCSERVE_CONFIG)")
-    serve.add_argument(
-        "--api-key",
-        action="append",
-        dest="api_keys",
-        metavar="KEY",
-        help="accept this key in x-api-key or Authorization: Bearer; repeat for several "
-        "(env TCSERVE_API_KEYS=k1,k2); with none the server is open",
-    )
-    serve.add_argument(
-        "--data-dir",
-        type=Path,
-        help="folder for the usage ledger (usage.sqlite3); without it nothing is recorded (env TCSERVE_DATA_DIR)",
-    )
-    serve.add_argument(
-        "--keys-file",
-        type=Path,
-        help="named keys with model permissions and per-minute limits, re-read when it changes "
-        "(see `tcserve keys`; env TCSERVE_KEYS_FILE)",
-    )
-    serve.add_argument(
-        "--model-path",
-        type=Path,
-        help="GGUF file to serve as the default model (default: packaged Gemma 3 270M)",
-    )
-    serve.add_argument(
-        "--ctx-size",
-        type=int,
-        help=f"context tokens of each request, prompt + completion (default {DEFAULT_CONTEXT_SIZE})",
-    )
-    serve.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: every core)")
-    serve.add_argument(
-        "--parallel",
-        type=int,
-        help=f"sequences decoded together in one batch; each gets --ctx-size tokens (default {DEFAULT_PARALLEL})",
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        help=f"requests that may wait for a free sequence; beyond that, 529 (default {DEFAULT_MAX_QUEUE})",
-    )
-    serve.add_argument(
-        "--prefill-budget",
-        type=int,
-        help="prompt tokens of newcomers one batching step may add beside the running sequences: lower gives "
-        "a burst's first tokens sooner, higher processes long prompts under load faster; at least one "
-        f"128-token chunk (default {DEFAULT_PREFILL_BUDGET})",
-    )
-    serve.add_argument(
-        "--reuse-generated",
-        action="store_const",
-        const=True,
-        help="also reuse the cache of generated tokens (a conversation's earlier answers): the next turn computes "
-        "only its new text, but a greedy request's text may then depend on what was cached before",
-    )
-    serve.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_const",
-        const=False,
-        help="do not reuse the cache of a shared prompt prefix (for benchmarks)",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        help="on SIGTERM/Ctrl-C, seconds running requests may finish before they are ended (default 30)",
-    )
-    serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 32 MiB)")
-    serve.add_argument(
-        "--max-prompt-chars", type=int, help="longer prompts get 400 before they are tokenized (default 4 Mi)"
-    )
-    serve.add_argument("--max-stop-sequences", type=int, help="more stop_sequences get 400 (default 64)")
-    serve.add_argument("--max-stop-chars", type=int, help="a longer stop sequence gets 400 (default 1024)")
-    serve.add_argument(
-        "--cors-origin",
-        action="append",
-        dest="cors_origins",
-        metavar="ORIGIN",
-        help="allow browser requests from this origin (repeat; env TCSERVE_CORS_ORIGINS=a,b); default: CORS off",
-    )
-    serve.add_argument(
-        "--header-timeout",
-        type=float,
-        help="seconds a client may take to send a request's headers before it is disconnected (default 10)",
-    )
-    serve.add_argument(
-        "--body-timeout", type=float, help="seconds a client may take to send its request body (default 30)"
-    )
-    serve.add_argument(
-        "--request-timeout", type=float, help="seconds a completion may run before it is ended (default 600)"
-    )
-    serve.add_argument(
-        "--slow-reader-timeout",
-        type=float,
-        help="seconds a streaming client may stop reading before its stream is ended (default 30)",
-    )
-    serve.add_argument(
-        "--ping-interval",
-        type=float,
-        help="seconds of silence before a stream gets a ping event (default 15)",
-    )
-    serve.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)"
-    )
+    add_settings_flags(serve)
     serve.set_defaults(run=_serve)
 
     keys = commands.add_parser("keys", help="add, list or revoke API keys in a keys file", description=_KEYS_HELP)
@@ -205,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _SERVE_HELP = """Start the server. Flags override TCSERVE_* variables, which override defaults.
 Without --config the server has one model, the packaged Gemma 3 270M (or --model-path),
-which also answers every Claude model id of the seed list."""
+which also answers every Claude model id of the SDKs' model list."""
 
 _KEYS_HELP = """Manage the keys file that `tcserve serve --keys-file` reads. Keys are stored as
 SHA-256 hashes; `add` prints the new key once. A running server applies changes
@@ -218,10 +107,10 @@ and ANTHROPIC_API_KEY."""
 
 def _keys_add(args: argparse.Namespace) -> int:
     records = read_keys(args.keys_file)
-    if any(record.name == args.name for record in records):
-        raise ConfigError(f"a key named {args.name!r} exists already; revoke it first")
-    if args.name.startswith(CLI_KEY_PREFIX):
-        raise ConfigError(f"names starting with {CLI_KEY_PREFIX!r} are for --api-key keys")
+    try:
+        check_new_name(args.name, records)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     key = new_key()
     record = KeyRecord(
         name=args.name,
@@ -260,7 +149,7 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    path = args.data_dir / "usage.sqlite3"
+    path = args.data_dir / LEDGER_FILE
     if not path.exists():
         raise ConfigError(f"no usage ledger in {args.data_dir}")
     rows = totals(path, args.since, args.until, key=args.key, model=args.model)
@@ -290,13 +179,10 @@ def _serve(args: argparse.Namespace) -> int:
     from tcserve.api.app import create_app
     from tcserve.api.server import serve
 
-    # Every serve flag is named after its Settings field.
-    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     try:
-        settings = Settings(**given)
+        settings = Settings(**given_settings(args))
     except ValidationError as error:
-        first = error.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(validation_message(error.errors())) from None
     models = load_models(settings)  # config mistakes end here, before logging is set up
     logs.setup(settings.log_level)
     app = create_app(settings, models)
@@ -326,7 +212,7 @@ def _models(args: argparse.Namespace) -> int:
 def _complete(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {
         "model": args.model,
-        "prompt": args.prompt if args.raw else prompt.wrap_bare_prompt(args.prompt),
+        "prompt": args.prompt if args.raw else transcript.wrap_bare_prompt(args.prompt),
         "max_tokens_to_sample": args.max_tokens,
         "stream": True,
     }

@@ -1,7 +1,8 @@
 """Which model ids the server answers to, and which configured model serves each.
 
-Every Claude id of the seed document is accepted out of the box and served by
-the default (first) model, unless the model table claims that id itself. An
+Every Claude id of the SDKs' model list (the Go SDK's `Model` constants) is
+accepted out of the box and served by the default (first) model, unless the
+model table claims that id itself. An
 id nobody claims is a `ModelNotFound`: there is no silent fallback.
 """
 
@@ -16,7 +17,7 @@ from tcserve.errors import ModelNotFound
 
 # id -> (display name, created_at date). The date is the one in the id or in its
 # dated sibling; claude-opus-4-6 has no dated sibling and counts as newest (ours).
-SEED_MODELS: dict[str, tuple[str, str]] = {
+CLAUDE_MODELS: dict[str, tuple[str, str]] = {
     "claude-opus-4-6": ("Claude Opus 4.6", "2026-02-01"),
     "claude-opus-4-5-20251101": ("Claude Opus 4.5", "2025-11-01"),
     "claude-opus-4-5": ("Claude Opus 4.5", "2025-11-01"),
@@ -59,7 +60,7 @@ class Catalog:
         self.entries.sort(key=lambda e: e.created_at, reverse=True)
 
     @classmethod
-    def build(cls, models: Sequence[ServedModel], created: dict[str, datetime], *, seed_ids: bool = True) -> Catalog:
+    def build(cls, models: Sequence[ServedModel], created: dict[str, datetime], *, claude_ids: bool = True) -> Catalog:
         """`created` gives each configured model's fallback date (its file's date)."""
         entries: list[ModelEntry] = []
         for model in models:
@@ -67,9 +68,9 @@ class Catalog:
             when = when if when.tzinfo else when.replace(tzinfo=UTC)
             shown = model.display_name or model.name
             entries += [ModelEntry(i, shown, when, model) for i in (model.name, *model.aliases)]
-        if seed_ids:
+        if claude_ids:
             claimed = {entry.id for entry in entries}
-            for model_id, (shown, day) in SEED_MODELS.items():
+            for model_id, (shown, day) in CLAUDE_MODELS.items():
                 if model_id not in claimed:
                     when = datetime.fromisoformat(day).replace(tzinfo=UTC)
                     entries.append(ModelEntry(model_id, shown, when, models[0]))

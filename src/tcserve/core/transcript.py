@@ -35,11 +35,8 @@ def validate(prompt: str) -> None:
         raise PromptError(BAD_END)
 
 
-def prepare(prompt: str, *, check_transcript: bool = True) -> str:
-    """The text the model is given. With the check off (raw completion for
-    base models) the prompt is passed through untouched."""
-    if not check_transcript:
-        return prompt
+def prepare(prompt: str) -> str:
+    """The text the model is given: sanitised, and checked against the rules."""
     prompt = sanitise(prompt)
     validate(prompt)
     return prompt

@@ -1,6 +1,8 @@
 """The engine protocol: a validated request in, typed events out.
 
-An engine knows nothing of HTTP, pydantic or the wire format. Awaiting
+An engine knows nothing of HTTP, pydantic or the wire format: it is built from
+plain settings (a dataclass of its own module, filled by `engines/factory.py`
+from the config, where every default is defined). Awaiting
 `generate` admits the request (raising `Overloaded` when its queue is full, or
 when an upstream refuses it, so that the HTTP edge can still answer 529 before
 anything is streamed) and returns an async iterator of `TextDelta`s that ends with one `Finished`. Closing that
@@ -14,8 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from tcserve.core.request import EngineEvent, GenerationRequest, PromptTokens
 from tcserve.errors import Overloaded
-from tcserve.core.request import EngineEvent, GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class Engine(Protocol):
         """Load the model. Runs in the background while /health says 503."""
         ...
 
-    async def count_tokens(self, text: str) -> int:
-        """Tokens the prompt will take, as `generate` will feed it (BOS included)."""
+    async def tokenize(self, text: str) -> PromptTokens:
+        """The prompt as `generate` will feed it (BOS included): its count, and its ids
+        when the engine can reuse them (then `generate` does not tokenize again).
+        `count` is None when the engine cannot count (its `warnings` say so)."""
         ...
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
@@ -56,6 +60,10 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    def warnings(self) -> list[str]:
+        """What this engine cannot do that a user would assume (logged at start, in /health)."""
+        ...
 
     async def aclose(self) -> None:
         """Free the model; pending and later calls fail."""

@@ -7,33 +7,52 @@ from pathlib import Path
 
 from tcserve.config import FakeModel, LlamaCppModel, ServedModel, UpstreamModel, default_threads
 from tcserve.engines.base import Engine
-from tcserve.engines.fake import FakeEngine
-from tcserve.engines.upstream.engine import UpstreamEngine
+from tcserve.engines.fake import FakeEngine, FakeSettings
+from tcserve.engines.upstream.engine import UpstreamEngine, UpstreamSettings
 
 
 def build_engine(model: ServedModel) -> Engine:
+    """Config (pydantic, with every default) -> the engine's plain settings -> the engine."""
     if isinstance(model, FakeModel):
         return FakeEngine(
-            model.reply,
-            context_size=model.context_size,
-            token_delay=model.token_delay,
-            load_delay=model.load_delay,
-            fail_after=model.fail_after,
-            capacity=model.capacity,
+            FakeSettings(
+                reply=model.reply,
+                context_size=model.context_size,
+                token_delay=model.token_delay,
+                load_delay=model.load_delay,
+                fail_after=model.fail_after,
+                capacity=model.capacity,
+            )
         )
     if isinstance(model, UpstreamModel):
-        return UpstreamEngine(model)
-    from tcserve.engines.llamacpp.engine import LlamaCppEngine  # imports llama.cpp only when needed
+        return UpstreamEngine(upstream_settings(model))
+    from tcserve.engines.llamacpp.engine import LlamaCppEngine, LlamaCppSettings  # imports llama.cpp only when needed
 
     return LlamaCppEngine(
-        model.path,
+        LlamaCppSettings(
+            path=model.path,
+            context_size=model.context_size,
+            threads=model.threads or default_threads(),
+            parallel=model.parallel,
+            max_queue=model.max_queue,
+            prefix_cache=model.prefix_cache,
+            prefill_budget=model.prefill_budget,
+            reuse_generated=model.reuse_generated,
+        )
+    )
+
+
+def upstream_settings(model: UpstreamModel) -> UpstreamSettings:
+    return UpstreamSettings(
+        model=model.upstream_model or model.name,
+        urls=tuple(str(url) for url in model.urls),
+        api_key=model.api_key.get_secret_value() if model.api_key is not None else None,
         context_size=model.context_size,
-        threads=model.threads or default_threads(),
-        parallel=model.parallel,
-        max_queue=model.max_queue,
-        prefix_cache=model.prefix_cache,
-        prefill_budget=model.prefill_budget,
-        reuse_generated=model.reuse_generated,
+        connect_timeout=model.connect_timeout,
+        read_timeout=model.read_timeout,
+        health_interval=model.health_interval,
+        stop_limit=model.stop_limit,
+        max_in_flight=model.max_in_flight,
     )
 
 

@@ -3,8 +3,9 @@
 It answers `reply` split into words (each word with its leading space is one
 "token"), counts one token per character of the prompt, and can be told to
 load slowly, to pace its tokens, to fail part-way, or to refuse work beyond
-`capacity` requests at once (529). `started` and `closed`
-count generations so that tests can observe cancellation.
+`capacity` requests at once (529). `active` counts running generations so that
+tests can observe cancellation. Like every engine, it counts the completion's
+tokens, not the end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -12,33 +13,39 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
 from tcserve.engines.base import Admission, EngineStats
 from tcserve.errors import EngineFailure, EngineNotReady, Overloaded
-from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
 
 EOS = "<eos>"
 """Put this in `reply` to make the fake model end there on its own."""
 
 
+@dataclass(frozen=True, slots=True)
+class FakeSettings:
+    reply: str
+    context_size: int
+    token_delay: float
+    """Seconds to wait before each token."""
+    load_delay: float
+    """Seconds `start` takes."""
+    fail_after: int | None
+    """Raise `EngineFailure` after this many tokens."""
+    capacity: int
+    """Requests it holds at once; more are `Overloaded`."""
+
+
 class FakeEngine:
-    def __init__(
-        self,
-        reply: str = " Hello! I am a scripted test model.",
-        *,
-        context_size: int = 8192,
-        token_delay: float = 0.0,
-        load_delay: float = 0.0,
-        fail_after: int | None = None,
-        capacity: int = 1000,
-    ) -> None:
-        self._tokens = re.findall(r"\s*\S+|\s+$", reply)
-        self._context_size = context_size
-        self._token_delay = token_delay
-        self._load_delay = load_delay
-        self._fail_after = fail_after
+    def __init__(self, settings: FakeSettings) -> None:
+        self._tokens = re.findall(r"\s*\S+|\s+$", settings.reply)
+        self._context_size = settings.context_size
+        self._token_delay = settings.token_delay
+        self._load_delay = settings.load_delay
+        self._fail_after = settings.fail_after
         self._ready = False
-        self._admission = Admission(capacity, 0)
+        self._admission = Admission(settings.capacity, 0)
         self._generated = 0
         self.requests: list[GenerationRequest] = []
         self.active = 0
@@ -56,8 +63,8 @@ class FakeEngine:
         await asyncio.sleep(self._load_delay)
         self._ready = True
 
-    async def count_tokens(self, text: str) -> int:
-        return len(text) + 1  # one per character, plus BOS
+    async def tokenize(self, text: str) -> PromptTokens:
+        return PromptTokens(len(text) + 1)  # one per character, plus BOS
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         if not self._ready:
@@ -70,13 +77,15 @@ class FakeEngine:
         # The fake runs every admitted request at once: nothing waits.
         return EngineStats(waiting=0, running=self.active, generated_tokens=self._generated)
 
+    def warnings(self) -> list[str]:
+        return []
+
     async def _run(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         self.active += 1
         try:
-            prompt_tokens = await self.count_tokens(request.prompt)
             for produced, token in enumerate(self._tokens):
                 if produced == request.max_tokens:
-                    yield Finished("max_tokens", prompt_tokens, produced)
+                    yield Finished("max_tokens")
                     return
                 if produced == self._fail_after:
                     raise EngineFailure(f"scripted failure after {produced} tokens")
@@ -85,11 +94,11 @@ class FakeEngine:
                 if not self._ready:
                     raise Overloaded("The server is shutting down")
                 if token.strip() == EOS:
-                    yield Finished("end_of_sequence", prompt_tokens, produced + 1)
+                    yield Finished("end_of_sequence")
                     return
                 self._generated += 1
                 yield TextDelta(token)
-            yield Finished("end_of_sequence", prompt_tokens, len(self._tokens))
+            yield Finished("end_of_sequence")
         finally:
             self.active -= 1
             self._admission.release()

@@ -12,15 +12,15 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from tcserve.config import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PREFILL_BUDGET
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens
 from tcserve.engines.base import Admission, EngineStats
-from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler, Stats
 from tcserve.engines.llamacpp.native import ContextParams, Model
 from tcserve.engines.llamacpp.sampling import Sampler
+from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler, Stats
 from tcserve.errors import EngineFailure, EngineNotReady, TCServeError
-from tcserve.core.request import EngineEvent, Finished, GenerationRequest
 
 log = logging.getLogger("tcserve.llamacpp")
 
@@ -35,34 +35,44 @@ def default_model_path() -> Path:
     return Path(assemble())
 
 
+@dataclass(frozen=True, slots=True)
+class LlamaCppSettings:
+    """What `engines/factory.py` fills from a model's config (the defaults live there)."""
+
+    path: Path | None
+    """GGUF file; None: the packaged Gemma 3 270M."""
+    context_size: int
+    """Tokens of cache for each sequence: the context a request may use."""
+    threads: int
+    parallel: int
+    """Sequences decoded together (slots)."""
+    max_queue: int
+    """Requests that may wait for a slot; more are `Overloaded`."""
+    prefix_cache: bool
+    prefill_budget: int
+    """Prompt tokens of newcomers one step may add beside the running sequences'
+    tokens (raised to one whole chunk if lower). Prompt processing costs ~1.3 ms a
+    token on 2 cores, so a burst of newcomers taken in one step would delay every
+    first token of the burst until the whole burst is processed; smaller steps hand
+    out first tokens sooner and keep running streams moving, at the price of more
+    steps for long prompts under load. 256 measured best at 16 concurrent clients
+    (README, "Batching")."""
+    reuse_generated: bool
+
+
 class LlamaCppEngine:
-    def __init__(
-        self,
-        path: Path | None,
-        *,
-        context_size: int,
-        threads: int,
-        parallel: int = DEFAULT_PARALLEL,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-        prefix_cache: bool = True,
-        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
-        reuse_generated: bool = False,
-    ) -> None:
-        """`prefill_budget`: prompt tokens of newcomers one step may add beside the
-        running sequences' tokens (at least one whole chunk). Prompt processing costs
-        ~1.3 ms a token on 2 cores, so a burst of newcomers taken in one step would
-        delay every first token of the burst until the whole burst is processed;
-        smaller steps hand out first tokens sooner and keep running streams moving,
-        at the price of more steps for long prompts under load. 256 measured best at
-        16 concurrent clients (README, "Batching")."""
-        self._path = path
-        self._prefill_budget = max(prefill_budget, PREFILL_CHUNK)
+    def __init__(self, settings: LlamaCppSettings) -> None:
+        self._path = settings.path
+        self._prefill_budget = max(settings.prefill_budget, PREFILL_CHUNK)  # a whole chunk always fits
         self._params = ContextParams(
-            slots=parallel, slot_context=context_size, batch_tokens=parallel + self._prefill_budget, threads=threads
+            slots=settings.parallel,
+            slot_context=settings.context_size,
+            batch_tokens=settings.parallel + self._prefill_budget,
+            threads=settings.threads,
         )
-        self._prefix_cache = prefix_cache
-        self._reuse_generated = reuse_generated
-        self._admission = Admission(parallel, max_queue)
+        self._prefix_cache = settings.prefix_cache
+        self._reuse_generated = settings.reuse_generated
+        self._admission = Admission(settings.parallel, settings.max_queue)
         self._model: Model | None = None
         self._scheduler: Scheduler | None = None
         self._thread: threading.Thread | None = None
@@ -93,10 +103,11 @@ class LlamaCppEngine:
         self._model, self._scheduler = model, scheduler
         self._thread.start()
 
-    async def count_tokens(self, text: str) -> int:
+    async def tokenize(self, text: str) -> PromptTokens:
         model = self._require_model()
         # Tokenizing only reads the vocabulary: safe beside a running decode.
-        return len(await asyncio.to_thread(model.vocab.tokenize, text))
+        ids = await asyncio.to_thread(model.vocab.tokenize, text)
+        return PromptTokens(len(ids), tuple(ids))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self._require_scheduler()
@@ -110,6 +121,9 @@ class LlamaCppEngine:
             return EngineStats(waiting=0, running=0, generated_tokens=0)
         stats = self._scheduler.stats
         return EngineStats(waiting=stats.waiting, running=stats.running, generated_tokens=stats.generated_tokens)
+
+    def warnings(self) -> list[str]:
+        return []
 
     @property
     def scheduler_stats(self) -> Stats | None:

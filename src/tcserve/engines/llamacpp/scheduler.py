@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
 from tcserve.engines.llamacpp.native import Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.errors import EngineFailure, Overloaded
-from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
 
 log = logging.getLogger("tcserve.llamacpp")
 
@@ -108,7 +108,8 @@ class Scheduler:
         self._model = model
         self._deliver = deliver
         self._chunk = chunk
-        self._prefill_budget = max(prefill_budget, chunk)  # a whole chunk always fits
+        assert prefill_budget >= chunk, "a whole chunk must always fit in a step"
+        self._prefill_budget = prefill_budget
         self._prefix_cache = prefix_cache
         self._reuse_generated = reuse_generated
         self._slots = [Slot(i) for i in range(slots)]
@@ -157,7 +158,8 @@ class Scheduler:
     def _take_inbox(self) -> None:
         while self._inbox:
             job = self._inbox.popleft()
-            job.prompt = self._model.vocab.tokenize(job.request.prompt)
+            ids = job.request.tokens.ids  # tokenized once, by the engine's `tokenize`
+            job.prompt = list(ids) if ids is not None else self._model.vocab.tokenize(job.request.prompt)
             if 0 < len(job.prompt) < self._model.slot_context:
                 self._waiting.append(job)
             else:  # the API checks this first; a batch must never carry an impossible sequence
@@ -271,8 +273,9 @@ class Scheduler:
             return
         job.produced += 1
         self.stats.generated_tokens += 1
-        if text := job.utf8.decode(vocab.piece(token)):
-            self._outbox.append((job, TextDelta(text)))
+        # One delta per token, even while its text is an incomplete UTF-8 character: the
+        # deltas' count is the request's output tokens.
+        self._outbox.append((job, TextDelta(job.utf8.decode(vocab.piece(token)))))
         if job.produced >= job.request.max_tokens:
             self._finish(job, "max_tokens")
         elif job.position >= self._model.slot_context:
@@ -283,8 +286,8 @@ class Scheduler:
 
     def _finish(self, job: Job, reason: FinishReason) -> None:
         if tail := job.utf8.decode(b"", final=True):
-            self._outbox.append((job, TextDelta(tail)))
-        self._outbox.append((job, Finished(reason, len(job.prompt), job.produced)))
+            self._outbox.append((job, TextDelta(tail, tokens=0)))
+        self._outbox.append((job, Finished(reason)))
         assert job.slot is not None
         self._release(job.slot)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -45,10 +46,9 @@ from typing import Any
 
 import httpx
 
-from tcserve.config import UpstreamModel
+from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
 from tcserve.engines.base import Admission, EngineStats
 from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded
-from tcserve.core.request import EngineEvent, Finished, GenerationRequest, TextDelta
 
 log = logging.getLogger("tcserve.upstream")
 
@@ -120,18 +120,40 @@ class _Pump:
             self._lines.put_nowait(None)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """What `engines/factory.py` fills from a model's config (the defaults live there)."""
+
+    model: str
+    """The model name the upstream serves."""
+    urls: tuple[str, ...]
+    """Replicas, e.g. http://gpu-1:8000."""
+    api_key: str | None
+    """Sent as `Authorization: Bearer`; never logged."""
+    context_size: int | None
+    """None: the upstream's max_model_len from its /v1/models."""
+    connect_timeout: float
+    read_timeout: float
+    health_interval: float
+    stop_limit: int
+    """Stop sequences sent upstream (tcserve enforces all of them)."""
+    max_in_flight: int
+
+
 class UpstreamEngine:
-    def __init__(self, model: UpstreamModel, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._config = model
-        self._name = model.upstream_model or model.name
-        self._replicas = [Replica(str(url).rstrip("/")) for url in model.urls]
-        self._context_size = model.context_size
-        self._admission = Admission(model.max_in_flight, 0, retry_after=1.0)
+    def __init__(self, settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._config = settings
+        self._name = settings.model
+        self._replicas = [Replica(url.rstrip("/")) for url in settings.urls]
+        self._context_size = settings.context_size
+        self._admission = Admission(settings.max_in_flight, 0, retry_after=1.0)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
         self._generated = 0
         self._tokenize_route = 0
+        self._counts_tokens: bool | None = None
+        """Whether a tokenize route answered; None until one request found out."""
 
     # -- the Engine protocol ------------------------------------------------------------
 
@@ -146,7 +168,7 @@ class UpstreamEngine:
     async def start(self) -> None:
         headers = {}
         if self._config.api_key is not None:
-            headers["authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+            headers["authorization"] = f"Bearer {self._config.api_key}"
         timeout = httpx.Timeout(self._config.read_timeout, connect=self._config.connect_timeout)
         client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport)
         while self._context_size is None:  # /health says "loading" until a replica tells us
@@ -157,11 +179,13 @@ class UpstreamEngine:
         self._client = client
         self._health = asyncio.create_task(self._health_loop())
         log.info("upstream %s: %d replica(s), context %d", self._name, len(self._replicas), self._context_size)
+        await self.tokenize("")  # find out now whether prompts can be counted (warnings() says)
 
-    async def count_tokens(self, text: str) -> int:
+    async def tokenize(self, text: str) -> PromptTokens:
         """The prompt's tokens by the upstream's own tokenizer: vLLM's and SGLang's
         `/tokenize`, or llama-cpp-python's `/extras/tokenize`. An upstream with
-        neither counts 0 here and checks the length itself (its 400 is passed on)."""
+        neither cannot be counted (count None, and `warnings` says so): its own
+        length check and its usage figures stand in for ours."""
         client = self._require_client()
         while self._tokenize_route < len(TOKENIZE_ROUTES):
             path, field = TOKENIZE_ROUTES[self._tokenize_route]
@@ -172,14 +196,25 @@ class UpstreamEngine:
                     continue
                 if response.status_code == 200:
                     body = response.json()
-                    return int(body.get("count", len(body.get("tokens", []))))
+                    self._counts_tokens = True
+                    return PromptTokens(int(body.get("count", len(body.get("tokens", [])))))
                 break
             else:
-                return 0  # no replica answered: let the request itself fail or succeed
+                return PromptTokens(None)  # no replica answered: let the request itself fail or succeed
             if response.status_code not in (404, 405):
-                return 0
+                return PromptTokens(None)
             self._tokenize_route += 1  # this kind of server has no such route; try the next kind
-        return 0
+        self._counts_tokens = False
+        return PromptTokens(None)
+
+    def warnings(self) -> list[str]:
+        if self._counts_tokens is False:
+            return [
+                "the upstream has no tokenize route (/tokenize or /extras/tokenize): prompts are not counted "
+                "before they are sent, so the context check is the upstream's and input-token limits are "
+                "charged from its usage figures after the request"
+            ]
+        return []
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         self._require_client()
@@ -267,6 +302,7 @@ class UpstreamEngine:
             body["top_k"] = sampling.top_k
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        body["stream_options"] = {"include_usage": True}  # the usage figures, in a last chunk
         return body
 
     async def _events(
@@ -300,25 +336,34 @@ class UpstreamEngine:
             self._admission.release()
 
     async def _read(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
-        """OpenAI-style SSE chunks -> engine events (the usage-only chunk and [DONE] are skipped)."""
+        """OpenAI-style SSE chunks -> engine events. The finish is held until the stream
+        ends ([DONE]), so that the usage chunk that follows it (`include_usage`) can
+        give its figures; a stream without them is counted by its text chunks."""
         pump = _Pump(response)
         replica.streams.add(pump)
+        finished: Finished | None = None
         try:
             while (line := await pump.next_line()) is not None:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    return
+                    break
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise _Retryable(f"upstream error event: {chunk['error']}")
                 for choice in chunk.get("choices") or ():
-                    if text := choice.get("text"):
+                    if finished is None and (text := choice.get("text")):
                         yield TextDelta(text)
-                    if finished := _finished(choice):
-                        yield finished
-                        return
+                    finished = finished or _finished(choice)
+                if finished is not None and isinstance(usage := chunk.get("usage"), dict):
+                    finished = dataclasses.replace(
+                        finished,
+                        prompt_tokens=_count(usage.get("prompt_tokens")),
+                        completion_tokens=_count(usage.get("completion_tokens")),
+                    )
+            if finished is not None:
+                yield finished
         finally:
             replica.streams.discard(pump)
             await pump.close()
@@ -402,13 +447,17 @@ def _finished(choice: dict[str, Any]) -> Finished | None:
     if reason is None:
         return None
     if reason == "length":
-        return Finished("max_tokens", 0, 0)
+        return Finished("max_tokens")
     if reason != "stop":
         raise _Retryable(f"the upstream ended the request with finish_reason {reason!r}")
     stop = choice.get("stop_reason")
     if isinstance(stop, str):  # vLLM names the stop string it matched
-        return Finished("stop_sequence", 0, 0, stop=stop)
-    return Finished("end_of_sequence", 0, 0)
+        return Finished("stop_sequence", stop=stop)
+    return Finished("end_of_sequence")
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -1,9 +1,12 @@
-"""GET /metrics in Prometheus' text format: queue depth, running sequences,
-tokens/s and time to first token.
+"""What /metrics shows, in Prometheus' terms: queue depth, running sequences,
+tokens/s, time to first token, and the prompt and generated tokens of requests.
 
 Engine gauges are read from each engine's `stats()` when scraped; tokens/s is
-the rate of the generated-token counter over the last `RATE_WINDOW` seconds,
-sampled in the background, for dashboards that do not compute `rate()`. The
+the rate of the engines' own generated-token counters over the last
+`RATE_WINDOW` seconds, sampled in the background, for dashboards that do not
+compute `rate()`. The token counters are fed by the serving core with each
+request's usage when it ends, so they agree with the ledger and the keys'
+limits. The
 registry belongs to the app (no global state), so several apps can live in
 one process, as they do in the tests.
 """
@@ -15,12 +18,11 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.requests import Request
-from starlette.responses import Response
 
+from tcserve.core.request import Usage
 from tcserve.engines.base import Engine
 
 RATE_WINDOW = 10.0
@@ -38,9 +40,25 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
+        self._prompt_tokens = Counter(
+            "tcserve_prompt_tokens", "Prompt tokens of requests that ended.", ["model"], registry=self.registry
+        )
+        self._generated_tokens = Counter(
+            "tcserve_generated_tokens",
+            "Tokens generated for requests that ended (as the ledger counts them).",
+            ["model"],
+            registry=self.registry,
+        )
         self._engines = engines
         self._samples: dict[str, deque[tuple[float, int]]] = {name: deque() for name in engines}
         self.registry.register(_EngineCollector(self))
+
+    def observe_first_token(self, model: str, seconds: float) -> None:
+        self.time_to_first_token.labels(model).observe(seconds)
+
+    def count_tokens(self, model: str, usage: Usage) -> None:
+        self._prompt_tokens.labels(model).inc(usage.input_tokens)
+        self._generated_tokens.labels(model).inc(usage.output_tokens)
 
     def sample(self) -> None:
         now = time.monotonic()
@@ -67,10 +85,9 @@ class _EngineCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         waiting = GaugeMetricFamily("tcserve_queue_depth", "Requests waiting for a slot.", labels=["model"])
         running = GaugeMetricFamily("tcserve_running_sequences", "Sequences being generated.", labels=["model"])
-        tokens = CounterMetricFamily("tcserve_generated_tokens", "Tokens generated since start.", labels=["model"])
         rate = GaugeMetricFamily(
             "tcserve_tokens_per_second",
             f"Generated tokens/s over the last {RATE_WINDOW:.0f} s.",
@@ -80,11 +97,5 @@ class _EngineCollector(Collector):
             stats = engine.stats()
             waiting.add_metric([name], stats.waiting)
             running.add_metric([name], stats.running)
-            tokens.add_metric([name], stats.generated_tokens)
             rate.add_metric([name], self._metrics.tokens_per_second(name))
-        yield from (waiting, running, tokens, rate)
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.tcserve.metrics
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        yield from (waiting, running, rate)
