@@ -1,4 +1,4 @@
-"""Wire models: names and types exactly as on the wire (spec, "Request" and "Response")."""
+"""Wire models: names and types exactly as on the wire (docs/wire.md, "Request body" and "Response")."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ class ModelEntry:
 class Catalog:
     def __init__(self, entries: Sequence[ModelEntry]) -> None:
         self._by_id = {entry.id: entry for entry in entries}
-        # Newest first, ties by id (spec, "Models").
+        # Newest first, ties by id (docs/wire.md, "Models").
         self.entries = sorted(entries, key=lambda e: e.id)
         self.entries.sort(key=lambda e: e.created_at, reverse=True)
 

@@ -1,6 +1,6 @@
 """The Human/Assistant transcript: sanitise, validate, render.
 
-Anthropic's rules (spec, "Prompt rules"): trailing whitespace is removed, a
+Anthropic's rules (docs/wire.md, "Prompt rules"): trailing whitespace is removed, a
 prompt that begins with `Human:` gets `\\n\\n` put in front, then the first
 turn must be `\\n\\nHuman:` (text before it is a system prompt) and the last
 turn must be `\\n\\nAssistant:` (text after it is a prefill the model

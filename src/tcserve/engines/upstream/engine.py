@@ -12,7 +12,7 @@ Failure rules:
   `retry-after`, which the SDKs honour);
 - an upstream 400 is the caller's mistake and keeps its message;
 - a timeout is an `EngineFailure` (500 `api_error`): the SDKs retry a 500, and
-  Anthropic's error vocabulary in our spec has no timeout type;
+  Anthropic's error vocabulary (docs/wire.md) has no timeout type;
 - after text was produced, any failure ends the stream with an error, never a
   silent truncation;
 - a replica that is clearly down ends its streams that have been silent for
