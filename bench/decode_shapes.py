@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import load_prompts
+from load import load_prompts
 from tcserve.engines.llamacpp.engine import default_model_path
 from tcserve.engines.llamacpp.native import ContextParams, Model
 

@@ -18,15 +18,15 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
+
+from peers import free_port, status_mib
 
 HEADERS = {"anthropic-version": "2023-06-01"}
 TOPICS = ["rivers", "bees", "glass", "trains", "salt", "maps", "bread", "clocks", "the moon", "chess"]
@@ -125,17 +125,8 @@ async def running_sequences(client: httpx.AsyncClient) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("tcserve_running_sequences{"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def resident_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return status_mib(pid, "VmRSS") or 0.0
 
 
 async def _main(args: argparse.Namespace) -> int:
