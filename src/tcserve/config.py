@@ -141,6 +141,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0)
     slow_reader_timeout: float = Field(30.0, gt=0)
     seed_model_ids: bool = True
+    playground: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from tcserve import __version__
-from tcserve.api import complete, models
+from tcserve.api import complete, models, playground
 from tcserve.api.errors import (
     INTERNAL_MESSAGE,
     APIError,
@@ -30,7 +30,7 @@ from tcserve.api.errors import (
     validation_message,
 )
 from tcserve.api.metrics import Metrics, metrics_endpoint
-from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
+from tcserve.api.middleware import PUBLIC_PATHS, Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.openapi import describe_the_real_wire
 from tcserve.api.state import ServerState
 from tcserve.core.catalog import Catalog
@@ -87,11 +87,15 @@ def create_app(
     app.include_router(models.router)
     app.add_api_route("/health", health, methods=["GET"], summary="Ready (200) or loading (503)")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics")
+    public = PUBLIC_PATHS
+    if settings.playground:  # off, `/` is an unknown path like any other (and needs the key first)
+        app.include_router(playground.router())
+        public = public | playground.PATHS
     _install_error_handlers(app)
     describe_the_real_wire(app)
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Authenticate, keys=key_source(settings), limiter=limiter)
+    app.add_middleware(Authenticate, keys=key_source(settings), limiter=limiter, public_paths=public)
     if settings.cors_origins:
         # Outside authentication: a browser's preflight carries no key.
         app.add_middleware(

@@ -155,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of silence before a stream gets a ping event (default 15)",
     )
     serve.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_const",
+        const=False,
+        help="do not serve the browser playground at / and /playground (env TCSERVE_PLAYGROUND=false)",
+    )
+    serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)"
     )
     serve.set_defaults(run=_serve)
