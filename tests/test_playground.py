@@ -184,6 +184,7 @@ def _greedy(served: Served, **body: Any) -> anthropic.types.Completion:
     return client.completions.create(model=served.model, temperature=0, **body)
 
 
+@pytest.mark.browser
 def test_a_transcript_streams_in_pieces_then_shows_stop_reason_and_timings(page: Page, served: Served) -> None:
     _open(page, served.url, served.model)
     page.fill("#system", "You answer in one short sentence.")
@@ -219,6 +220,7 @@ def test_a_transcript_streams_in_pieces_then_shows_stop_reason_and_timings(page:
     assert f'"stop_reason":"{answer.stop_reason}"' in raw.rsplit("event: completion", 1)[1]
 
 
+@pytest.mark.browser
 def test_a_prompt_that_breaks_the_rules_shows_the_servers_400(page: Page, served: Served) -> None:
     _open(page, served.url, served.model)
     for prompt, message in (("Hello, world", BAD_START), ("\n\nHuman: Hello", BAD_END)):
@@ -241,6 +243,7 @@ def _running(url: str, model: str) -> float:
     return float(found.group(1))
 
 
+@pytest.mark.browser
 def test_stop_mid_stream_frees_the_slot(page: Page, served: Served) -> None:
     _open(page, served.url, served.slow_model)
     if served.real:  # a greedy count goes on for a long time
@@ -260,6 +263,7 @@ def test_stop_mid_stream_frees_the_slot(page: Page, served: Served) -> None:
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
 
 
+@pytest.mark.browser
 def test_copy_as_python_gives_the_same_greedy_text(page: Page, served: Served, tmp_path: Path) -> None:
     _open(page, served.url, served.model)
     page.locator(".turn-text").nth(0).fill("Name three colours.")
@@ -282,6 +286,7 @@ def test_copy_as_python_gives_the_same_greedy_text(page: Page, served: Served, t
     assert run.stdout == text + "\n"
 
 
+@pytest.mark.browser
 def test_usable_at_a_phones_width_and_by_keyboard(page: Page, served: Served) -> None:
     if served.real:
         pytest.skip("layout does not depend on the model")
@@ -309,6 +314,7 @@ def keyed_url() -> Iterator[str]:
         yield url
 
 
+@pytest.mark.browser
 def test_a_wrong_key_shows_the_401_and_the_right_one_works(page: Page, keyed_url: str) -> None:
     page.goto(keyed_url + "/")
     page.wait_for_selector("#key-panel:not([hidden])")  # GET /v1/models said 401
