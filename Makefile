@@ -22,12 +22,12 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 PIP_INSTALL := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install
 
-.PHONY: serve test fuzz bench soak install install-test install-bench lint clean
+.PHONY: serve test fuzz bench soak install install-test install-bench lint clean chromium
 
 serve: install
 	$(BIN)/tcserve serve $(ARGS)
 
-test: install-test tests/node/node_modules $(VLLM_VENV)/.installed
+test: install-test tests/node/node_modules $(VLLM_VENV)/.installed chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # More than 10,000 fuzzed requests (up to 4,000 per operation of the OpenAPI document).
@@ -73,6 +73,16 @@ $(VLLM_VENV)/.installed: tests/vllm-requirements.txt
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r tests/vllm-requirements.txt
 	touch $@
+
+# The playground's browser tests drive Debian's Chromium through Playwright (never a
+# downloaded browser). Installed with apt-get when missing; needs root (CI runs as root).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+chromium: /usr/bin/chromium
+
+/usr/bin/chromium:
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 tests/node/node_modules: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund

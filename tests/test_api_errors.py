@@ -161,7 +161,7 @@ def test_model_is_checked_before_the_prompt(client: httpx.Client) -> None:
     assert_error(response, 404, "not_found_error")
 
 
-@pytest.mark.parametrize("path", ["/", "/v1", "/v1/completions", "/v1/messages", "/docs/../etc"])
+@pytest.mark.parametrize("path", ["/nothing-here", "/v1", "/v1/completions", "/v1/messages", "/docs/../etc"])
 def test_unknown_paths_are_404_json(client: httpx.Client, path: str) -> None:
     assert_error(client.get(path), 404, "not_found_error")
 

@@ -274,6 +274,11 @@ class Settings(BaseSettings):
         description="seconds of silence before a stream gets a ping event",
         json_schema_extra=cli(metavar="SECONDS"),
     )
+    playground: bool = Field(
+        True,
+        description="do not serve the browser playground at / and /playground",
+        json_schema_extra=cli("--no-playground", const=False, default="served"),
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     claude_model_ids: bool = Field(
         True,

@@ -21,7 +21,7 @@ from tcserve.accounting.keys import KeySource, unlimited
 from tcserve.accounting.ledger import LEDGER_FILE, Ledger
 from tcserve.accounting.limits import Limiter
 from tcserve.accounting.metrics import Metrics
-from tcserve.api import complete, models
+from tcserve.api import complete, models, playground
 from tcserve.api.errors import (
     INTERNAL_MESSAGE,
     APIError,
@@ -34,7 +34,7 @@ from tcserve.api.errors import (
     error_response,
     to_api_error,
 )
-from tcserve.api.middleware import Authenticate, LimitBody, RequestContext, request_id_of
+from tcserve.api.middleware import PUBLIC_PATHS, Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.openapi import describe_the_real_wire
 from tcserve.api.state import ServerState, server_state
 from tcserve.config import ServedModel, Settings, load_models
@@ -93,11 +93,15 @@ def create_app(
     app.include_router(models.router)
     app.add_api_route("/health", health, methods=["GET"], summary="Ready (200) or loading (503)")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics")
+    public = PUBLIC_PATHS
+    if settings.playground:  # off, `/` is an unknown path like any other (and needs the key first)
+        app.include_router(playground.router())
+        public = public | playground.PATHS
     _install_error_handlers(app)
     describe_the_real_wire(app)
     # Added innermost first: RequestContext ends up outermost.
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Authenticate, keys=key_source(settings), limiter=limiter)
+    app.add_middleware(Authenticate, keys=key_source(settings), limiter=limiter, public_paths=public)
     if settings.cors_origins:
         # Outside authentication: a browser's preflight carries no key.
         app.add_middleware(

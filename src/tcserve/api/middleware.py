@@ -4,7 +4,8 @@
   context, `request-id` header on every response), logs one access line, and
   turns anything that escaped into a JSON 500.
 - `Authenticate`: when keys are configured (a keys file, even an empty one, or
-  command-line keys), every path but the public ones needs `x-api-key` or
+  command-line keys), every path but the public ones (`/health`, `/metrics`,
+  the playground's static files) needs `x-api-key` or
   `Authorization: Bearer` matching one (checked first, so nothing about the
   request is revealed to a caller without a key).
 - `LimitBody`: answers 413 when the body is over the limit, from
@@ -91,13 +92,16 @@ class Authenticate:
     stored hash), puts its record in the scope for permission and limit checks,
     and adds the key's `anthropic-ratelimit-*` headers to every response."""
 
-    def __init__(self, app: ASGIApp, keys: KeySource, limiter: Limiter) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: KeySource, limiter: Limiter, public_paths: frozenset[str] = PUBLIC_PATHS
+    ) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
+        self.public_paths = public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.required or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self.keys.required or scope["path"] in self.public_paths:
             await self.app(scope, receive, send)
             return
         presented = _presented_key(Headers(scope=scope))
