@@ -41,8 +41,8 @@ soak: install-bench
 	$(BIN)/python bench/soak.py $(ARGS)
 
 lint: install-test
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 install: $(VENV)/.installed
