@@ -30,22 +30,39 @@ def _forward_ggml_log(level: int, text: bytes, _user: object) -> None:
 _LOG_CALLBACK = llama.llama_log_callback(_forward_ggml_log)  # ctypes needs it kept alive
 
 
+@dataclass(frozen=True)
+class ChatMetadata:
+    template: str | None
+    bos_token: str
+    eos_token: str
+
+
 class Vocab:
     def __init__(self, vocab: llama.llama_vocab_p) -> None:
         self._vocab = vocab
+        self.native = vocab
         self.size: int = llama.llama_vocab_n_tokens(vocab)
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids as the model is fed them: BOS first (when the model wants one)."""
+    def tokenize(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids as the model is fed them: BOS first (when the model wants one and
+        `add_bos`). `parse_special` turns special-token text (`<|im_end|>`) into its
+        token, for a rendered chat template; raw prompts keep it as plain text."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buffer = (llama.llama_token * capacity)()
-        count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, True, False)
+        count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, parse_special)
         if count < 0:  # a negative count is the size it needs
             capacity = -count
             buffer = (llama.llama_token * capacity)()
-            count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, True, False)
+            count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, parse_special)
         return list(buffer[:count])
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary stores it (`<bos>`); "" for no token (-1)."""
+        if token < 0:
+            return ""
+        text = llama.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
 
     def piece(self, token: int) -> bytes:
         buffer = ctypes.create_string_buffer(64)
@@ -98,6 +115,28 @@ class Model:
         self.vocab = Vocab(llama.llama_model_get_vocab(model))
         self.slot_context: int = llama.llama_n_ctx_seq(context)
         self.batch = Batch(params.batch_tokens)
+
+    def chat_metadata(self) -> ChatMetadata:
+        """The GGUF's `tokenizer.chat_template` (None without one) and its BOS/EOS texts."""
+        template = llama.llama_model_chat_template(self._model, None)
+        vocab = self.vocab
+        return ChatMetadata(
+            template=template.decode("utf-8") if template else None,
+            bos_token=vocab.token_text(llama.llama_vocab_bos(vocab.native)),
+            eos_token=vocab.token_text(llama.llama_vocab_eos(vocab.native)),
+        )
+
+    def metadata(self, key: str) -> str | None:
+        """One GGUF metadata value as text (llama.cpp's `llama_model_meta_val_str`)."""
+        size = 256
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = llama.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+            if length < 0:
+                return None
+            if length < size:
+                return buffer.value.decode("utf-8", errors="replace")
+            size = length + 1
 
     def decode(self) -> int:
         """Run the filled batch; 0 on success (llama_decode's own status otherwise)."""
