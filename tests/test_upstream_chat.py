@@ -59,13 +59,20 @@ def test_without_a_prefill_no_assistant_message_and_no_continue_fields() -> None
 
 def test_a_stream_with_usage() -> None:
     events = feed(chunk("", role="assistant"), chunk("Hel"), chunk("lo"), chunk(None, "stop"), USAGE, "[DONE]")
-    assert events == [TextDelta("Hel"), TextDelta("lo"), Finished("end_of_sequence", 11, 3)]
+    assert events == [
+        TextDelta("Hel"),
+        TextDelta("lo"),
+        Finished("end_of_sequence", prompt_tokens=11, completion_tokens=3),
+    ]
 
 
 def test_finish_reasons() -> None:
-    assert feed(chunk("a", "length"), "[DONE]") == [TextDelta("a"), Finished("max_tokens", 0, 0)]
+    assert feed(chunk("a", "length"), "[DONE]") == [TextDelta("a"), Finished("max_tokens")]
     named = feed(chunk(" water", "stop", stop_reason=" water"), USAGE)
-    assert named == [TextDelta(" water"), Finished("stop_sequence", 11, 3, stop=" water")]
+    assert named == [
+        TextDelta(" water"),
+        Finished("stop_sequence", stop=" water", prompt_tokens=11, completion_tokens=3),
+    ]
     with pytest.raises(ChatStreamError, match="finish_reason 'tool_calls'"):
         feed(chunk("a", "tool_calls"))
 

@@ -35,10 +35,18 @@ def replay(name: str) -> tuple[list[EngineEvent], MessagesStream]:
 @pytest.mark.parametrize(
     ("name", "texts", "finished"),
     [
-        ("text.sse", ["Hello", ", Grüße 🌍!"], Finished("end_of_sequence", 25, 15)),
-        ("end_turn.sse", [], Finished("end_of_sequence", 14, 2)),  # 10 input + 4 read from the cache
-        ("stop_sequence.sse", ["1, 2, 3"], Finished("stop_sequence", 18, 7, stop=", 4")),
-        ("max_tokens.sse", ["Once upon", " a time"], Finished("max_tokens", 12, 4)),
+        ("text.sse", ["Hello", ", Grüße 🌍!"], Finished("end_of_sequence", prompt_tokens=25, completion_tokens=15)),
+        (
+            "end_turn.sse",
+            [],
+            Finished("end_of_sequence", prompt_tokens=14, completion_tokens=2),
+        ),  # 10 input + 4 read from the cache
+        (
+            "stop_sequence.sse",
+            ["1, 2, 3"],
+            Finished("stop_sequence", stop=", 4", prompt_tokens=18, completion_tokens=7),
+        ),
+        ("max_tokens.sse", ["Once upon", " a time"], Finished("max_tokens", prompt_tokens=12, completion_tokens=4)),
     ],
 )
 def test_a_recorded_stream_becomes_text_and_one_finish(name: str, texts: list[str], finished: Finished) -> None:

@@ -14,6 +14,7 @@ Without a prefill no assistant message is added and the fields are not sent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -113,9 +114,8 @@ class ChatStream:
         if self._finish is None:
             raise ChatStreamError("the stream ended without a finish reason")
         self.done = True
-        prompt, completion = self._usage or (0, 0)
-        finish = self._finish
-        return [Finished(finish.reason, prompt, completion, stop=finish.stop)]
+        prompt, completion = self._usage or (None, None)
+        return [dataclasses.replace(self._finish, prompt_tokens=prompt, completion_tokens=completion)]
 
 
 def _finished(reason: str, stop: object) -> Finished:
@@ -123,9 +123,9 @@ def _finished(reason: str, stop: object) -> Finished:
     anything else ("tool_calls", "content_filter", "abort") is not a text completion,
     and passing it on as a short one would be a silent truncation."""
     if reason == "length":
-        return Finished("max_tokens", 0, 0)
+        return Finished("max_tokens")
     if reason != "stop":
         raise ChatStreamError(f"the upstream ended the request with finish_reason {reason!r}")
     if isinstance(stop, str):
-        return Finished("stop_sequence", 0, 0, stop=stop)
-    return Finished("end_of_sequence", 0, 0)
+        return Finished("stop_sequence", stop=stop)
+    return Finished("end_of_sequence")

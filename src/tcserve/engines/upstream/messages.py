@@ -17,6 +17,7 @@ delta kinds carry no completion text), `content_block_stop`, `message_delta`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -138,7 +139,8 @@ class MessagesStream:
         if self._finish is None:
             raise MessagesStreamError("the stream ended without a stop reason")
         self.done = True
-        return [Finished(self._finish.reason, self._input_tokens, self._output_tokens, stop=self._finish.stop)]
+        finish = self._finish
+        return [dataclasses.replace(finish, prompt_tokens=self._input_tokens, completion_tokens=self._output_tokens)]
 
     def _count(self, usage: Mapping[str, Any]) -> None:
         """Input usage counts cache reads and writes too (all are prompt tokens); output
@@ -152,9 +154,9 @@ class MessagesStream:
 
 def _finished(reason: str, stop_sequence: object) -> Finished:
     if reason == "end_turn":
-        return Finished("end_of_sequence", 0, 0)
+        return Finished("end_of_sequence")
     if reason == "stop_sequence" and isinstance(stop_sequence, str):
-        return Finished("stop_sequence", 0, 0, stop=stop_sequence)
+        return Finished("stop_sequence", stop=stop_sequence)
     if reason == "max_tokens":
-        return Finished("max_tokens", 0, 0)
+        return Finished("max_tokens")
     raise UnsupportedStopReason(reason)
