@@ -161,11 +161,13 @@ class UpstreamEngine:
     async def count_tokens(self, text: str) -> int:
         """The prompt's tokens by the upstream's own tokenizer: vLLM's and SGLang's
         `/tokenize`, or llama-cpp-python's `/extras/tokenize`. An upstream with
-        neither counts 0 here and checks the length itself (its 400 is passed on)."""
+        neither counts 0 here and checks the length itself (its 400 is passed on).
+        Only replicas that are up are asked: a stuck one would hold the request for
+        `read_timeout` before it is even sent."""
         client = self._require_client()
         while self._tokenize_route < len(TOKENIZE_ROUTES):
             path, field = TOKENIZE_ROUTES[self._tokenize_route]
-            for replica in self._by_load():
+            for replica in [r for r in self._by_load() if r.up]:
                 try:
                     response = await client.post(f"{replica.url}{path}", json={"model": self._name, field: text})
                 except httpx.HTTPError:
