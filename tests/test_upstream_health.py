@@ -175,21 +175,21 @@ async def test_a_new_request_is_never_sent_to_a_replica_that_went_silent() -> No
     await engine.start()
     try:
         await wait_up(engine, 2)
-        cut = await unless_reached(collect(await engine.generate(GenerationRequest("req_1", "Hello", 8))), reached)
+        cut = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), reached)
         assert cut == [TextDelta(" Hi")]  # the stuck stream went to A (the first of two idle replicas) and ended
         assert engine.replicas()[STUCK] == (False, 0)
         assert await unless_reached(engine.count_tokens("Hello"), reached) == 1
-        events = await unless_reached(collect(await engine.generate(GenerationRequest("req_2", "Hello", 8))), reached)
+        events = await unless_reached(collect(engine, GenerationRequest("req_2", "Hello", 8)), reached)
         assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens", 0, 0)]
     finally:
         await engine.aclose()
 
 
-async def collect(stream: AsyncIterator[EngineEvent]) -> list[EngineEvent]:
-    """The stream's events up to its end, or up to the `EngineFailure` that ended it."""
+async def collect(engine: UpstreamEngine, request: GenerationRequest) -> list[EngineEvent]:
+    """The request's events up to its end, or up to the `EngineFailure` that ended it."""
     events: list[EngineEvent] = []
     with contextlib.suppress(EngineFailure):
-        async for event in stream:
+        async for event in await engine.generate(request):
             events.append(event)
     return events
 
@@ -208,3 +208,41 @@ async def unless_reached(work: Awaitable[T], reached: asyncio.Event) -> T:
         await asyncio.gather(task, return_exceptions=True)
         pytest.fail("a request was sent to the silent replica" if reached.is_set() else "no answer in 60 s")
     return task.result()
+
+
+@pytest.mark.parametrize("first", ["/tokenize", "/v1/completions"])
+async def test_a_replica_that_goes_silent_once_picked_does_not_hold_the_request(first: str) -> None:
+    """Replica A is up when it is picked and then answers nothing (neither the token
+    count nor the stream's headers, nor its health checks): once it is clearly down,
+    the waiting call is ended and the other replica serves the request."""
+    silent = asyncio.Event()  # set: A answers nothing any more
+
+    async def serve(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if str(request.url).startswith(STUCK) and (silent.is_set() or path == first):
+            silent.set()
+            if path == "/health":
+                raise httpx.ReadTimeout("no answer", request=request)
+            await asyncio.Event().wait()  # nothing comes back: the client waits read_timeout
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/tokenize":
+            return httpx.Response(200, json={"count": 1, "tokens": [1]})
+        body = chunk(" Hi") + chunk(" there", "length") + b"data: [DONE]\n\n"
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    model = UpstreamModel.model_validate({
+        "name": "m", "engine": "upstream", "urls": [STUCK, HEALTHY], "context_size": 512,
+        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
+    })  # fmt: skip
+    engine = UpstreamEngine(model, transport=httpx.MockTransport(serve))
+    await engine.start()
+    never = asyncio.Event()  # nothing is off limits here: the guard alone fails a hang
+    try:
+        await wait_up(engine, 2)
+        assert await unless_reached(engine.count_tokens("Hello"), never) == 1
+        events = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), never)
+        assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens", 0, 0)]
+        assert silent.is_set() and engine.replicas()[STUCK] == (False, 0)  # A was picked first, and went silent
+    finally:
+        await engine.aclose()
