@@ -4,7 +4,8 @@ Why: tests that pass on an idle machine can hang or fail when the CPU is shared
 (issue 9: the stuck-replica test hung while another build ran). This is the load
 for those runs, with no dependency beyond Python: N processes each spin in a
 pure-Python loop and stop by themselves after T seconds, even if this parent is
-killed (each child checks its own deadline). Ctrl-C stops them at once.
+SIGKILLed (each child checks its own deadline). Ctrl-C or SIGTERM to this
+process stops them at once.
 
     python bench/busy.py --processes 2 --seconds 240
 """
@@ -25,10 +26,16 @@ MAX_SECONDS = 1800.0
 def spin(deadline: float) -> None:
     """Burn one core until the monotonic clock reaches `deadline`."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     count = 0
     while time.monotonic() < deadline:
         for _ in range(10_000):  # check the clock only now and then: the load stays near 100 %
             count += 1
+
+
+def stop(signum: int, frame: object) -> None:
+    """SIGTERM: leave through main's `finally`, which stops the children."""
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -38,6 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.processes < 1 or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"need --processes >= 1 and 0 < --seconds <= {MAX_SECONDS:g}")
+    signal.signal(signal.SIGTERM, stop)
     deadline = time.monotonic() + args.seconds
     workers = [multiprocessing.Process(target=spin, args=(deadline,), daemon=True) for _ in range(args.processes)]
     for worker in workers:
