@@ -209,7 +209,8 @@ def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_err
     app, _ = _tcserve(upstreams, read_timeout=3600, connect_timeout=3)
     with serve_app(app) as url, ExitStack() as stack:
         _wait_replicas_up(app, 2)
-        client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+        # A request sent to the stuck replica would wait an hour: fail in 2 minutes instead.
+        client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0, timeout=120)
         stream = stack.enter_context(greedy(client, prompt=COUNTING, max_tokens_to_sample=500, stream=True))
         events = iter(stream)
         assert next(events).completion is not None
@@ -217,11 +218,14 @@ def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_err
         stuck = next(u for u in upstreams if u.url == busy)
         stuck.pause()  # it answers nothing at all now, but keeps its connections open
         stack.callback(stuck.resume)
-        for _ in range(3):  # fewest in flight: each goes to the other replica (the stuck one would hang)
-            assert greedy(client, max_tokens_to_sample=8).completion.strip()
+        # While its stream is held (more in flight there), and after that stream was ended
+        # (then none is): both times, the next request must go to the other replica only.
+        assert greedy(client, max_tokens_to_sample=8).completion.strip()
         with pytest.raises(anthropic.APIStatusError) as cut:
             for _ in events:
                 pass
+        for _ in range(2):
+            assert greedy(client, max_tokens_to_sample=8).completion.strip()
     assert cut.value.body["error"]["type"] == "api_error"  # an SSE error event, not a silent end
     assert f"replica {busy} is down and its stream has been silent" in caplog.text
     assert f"{busy} broke before any text" not in caplog.text  # no new request went there and was retried

@@ -10,8 +10,10 @@ each test checks how a stream ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -23,6 +25,7 @@ from tcserve.engines.upstream.engine import UpstreamEngine
 from tcserve.errors import EngineFailure
 
 URL = "http://replica-a:8000"
+T = TypeVar("T")
 
 
 def chunk(text: str, finish: str | None = None) -> bytes:
@@ -71,8 +74,7 @@ async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException |
     await engine.start()
     events: list[EngineEvent] = []
     try:
-        while not engine.replicas()[URL][0]:  # the first health check brings it up
-            await asyncio.sleep(0.02)
+        await wait_up(engine, 1)
         stream = await engine.generate(GenerationRequest("req_test", "Hello", 8))
         try:
             async with asyncio.timeout(60):  # a guard against hanging the suite, not a measurement
@@ -83,6 +85,13 @@ async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException |
         return events, None
     finally:
         await engine.aclose()
+
+
+async def wait_up(engine: UpstreamEngine, count: int) -> None:
+    """Until the first health check brings `count` replicas up (bounded: a guard, not a measurement)."""
+    async with asyncio.timeout(60):
+        while sum(up for up, _ in engine.replicas().values()) < count:
+            await asyncio.sleep(0.02)
 
 
 async def test_a_replica_answering_503_ends_its_silent_stream() -> None:
@@ -127,3 +136,116 @@ async def test_a_slow_prompt_survives_a_health_check_that_times_out(silence: flo
     events, error = await generate(Replica(stream, slow))
     assert error is None
     assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
+
+
+STUCK, HEALTHY = "http://replica-stuck:8000", "http://replica-healthy:8000"
+
+
+async def test_a_new_request_is_never_sent_to_a_replica_that_went_silent() -> None:
+    """The hang of test_upstream.py's stuck-replica test, scripted: replica A serves a
+    stream, then answers nothing at all (SIGSTOP). Once its stream was ended, A has
+    no request in flight, so it sorts first by load; the next request must still
+    go to B only, its token count included (a count sent to A waited `read_timeout`)."""
+    silent = asyncio.Event()  # set: A answers nothing any more
+    reached = asyncio.Event()  # set: a request went to A while it was silent
+
+    async def serve(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if str(request.url).startswith(STUCK) and silent.is_set():
+            if path == "/health":  # what the client's timeout would raise
+                raise httpx.ReadTimeout("no answer", request=request)
+            reached.set()
+            await asyncio.Event().wait()  # nothing comes back: the client waits read_timeout
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/tokenize":
+            return httpx.Response(200, json={"count": 1, "tokens": [1]})
+        return httpx.Response(200, content=stream(request), headers={"content-type": "text/event-stream"})
+
+    async def stream(request: httpx.Request) -> AsyncIterator[bytes]:
+        yield chunk(" Hi")
+        if str(request.url).startswith(STUCK):
+            silent.set()
+            await asyncio.Event().wait()  # the stream stays open and says nothing
+        yield chunk(" there", "length")
+        yield b"data: [DONE]\n\n"
+
+    model = UpstreamModel.model_validate({
+        "name": "m", "engine": "upstream", "urls": [STUCK, HEALTHY], "context_size": 512,
+        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
+    })  # fmt: skip
+    engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(serve))
+    await engine.start()
+    try:
+        await wait_up(engine, 2)
+        cut = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), reached)
+        assert cut == [TextDelta(" Hi")]  # the stuck stream went to A (the first of two idle replicas) and ended
+        assert engine.replicas()[STUCK] == (False, 0)
+        assert (await unless_reached(engine.tokenize("Hello"), reached)).count == 1
+        events = await unless_reached(collect(engine, GenerationRequest("req_2", "Hello", 8)), reached)
+        assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
+    finally:
+        await engine.aclose()
+
+
+async def collect(engine: UpstreamEngine, request: GenerationRequest) -> list[EngineEvent]:
+    """The request's events up to its end, or up to the `EngineFailure` that ended it."""
+    events: list[EngineEvent] = []
+    with contextlib.suppress(EngineFailure):
+        async for event in await engine.generate(request):
+            events.append(event)
+    return events
+
+
+async def unless_reached(work: Awaitable[T], reached: asyncio.Event) -> T:
+    """`work`'s result; fails as soon as `reached` is set instead (the request went to
+    the silent replica and would wait an hour)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(reached.wait())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task not in done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        pytest.fail("a request was sent to the silent replica" if reached.is_set() else "no answer in 60 s")
+    return task.result()
+
+
+@pytest.mark.parametrize("first", ["/tokenize", "/v1/completions"])
+async def test_a_replica_that_goes_silent_once_picked_does_not_hold_the_request(first: str) -> None:
+    """Replica A is up when it is picked and then answers nothing (neither the token
+    count nor the stream's headers, nor its health checks): once it is clearly down,
+    the waiting call is ended and the other replica serves the request."""
+    silent = asyncio.Event()  # set: A answers nothing any more
+
+    async def serve(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if str(request.url).startswith(STUCK) and (silent.is_set() or path == first):
+            silent.set()
+            if path == "/health":
+                raise httpx.ReadTimeout("no answer", request=request)
+            await asyncio.Event().wait()  # nothing comes back: the client waits read_timeout
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/tokenize":
+            return httpx.Response(200, json={"count": 1, "tokens": [1]})
+        body = chunk(" Hi") + chunk(" there", "length") + b"data: [DONE]\n\n"
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    model = UpstreamModel.model_validate({
+        "name": "m", "engine": "upstream", "urls": [STUCK, HEALTHY], "context_size": 512,
+        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
+    })  # fmt: skip
+    engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(serve))
+    await engine.start()
+    never = asyncio.Event()  # nothing is off limits here: the guard alone fails a hang
+    try:
+        await wait_up(engine, 2)
+        assert (await unless_reached(engine.tokenize("Hello"), never)).count == 1
+        events = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), never)
+        assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
+        assert silent.is_set() and engine.replicas()[STUCK] == (False, 0)  # A was picked first, and went silent
+    finally:
+        await engine.aclose()

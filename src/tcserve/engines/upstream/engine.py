@@ -16,12 +16,14 @@ Failure rules:
 - after text was produced, any failure ends the stream with an error, never a
   silent truncation;
 - a replica that is clearly down ends its streams that have been silent for
-  longer than `health_interval` (retried elsewhere when no text came yet), so a
-  dead replica that keeps its connections open does not leave clients waiting
-  for `read_timeout`. Clearly down: its health check got an error status or a
-  refused/reset connection, or timed out `STALL_CHECKS` times in a row (one
-  timeout alone is ambiguous: llama-cpp-python's /v1/models waits for a long
-  prompt to finish).
+  longer than `health_interval` (retried elsewhere when no text came yet), and
+  the requests still waiting for its answer (a token count, a stream's headers),
+  so a dead replica that keeps its connections open does not leave clients
+  waiting for `read_timeout`. Clearly down: its health check got an error
+  status or a refused/reset connection, or timed out `STALL_CHECKS` times in a
+  row (one timeout alone is ambiguous: llama-cpp-python's /v1/models waits for
+  a long prompt to finish). A replica that is down gets no new requests, not
+  even a token count.
 
 Stops: the built-in and the user's stop sequences go upstream (up to
 `stop_limit`) with `include_stop_str_in_output`, so the stop text reaches
@@ -40,9 +42,9 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -59,6 +61,7 @@ ATTEMPTS = 2
 """The first replica, then one retry on another."""
 STALL_CHECKS = 3
 """Health checks in a row that must time out before a replica's silent streams are ended."""
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -68,7 +71,8 @@ class Replica:
     in_flight: int = 0
     timeouts: int = 0
     """Health checks in a row that timed out."""
-    streams: set[_Pump] = field(default_factory=set)
+    streams: set[_Pump | _Call[Any]] = field(default_factory=set)
+    """What waits on this replica: open streams, and requests still waiting for an answer."""
 
 
 class _Retryable(Exception):
@@ -140,6 +144,33 @@ class UpstreamSettings:
     max_in_flight: int
 
 
+class _Call(Generic[T]):
+    """One request to a replica that is waiting for its answer (a stream's headers, a
+    token count), in a task of its own, so that the health check can end it like a
+    silent stream: a replica that stopped answering after it was picked would
+    otherwise hold it for `read_timeout`."""
+
+    def __init__(self, call: Awaitable[T]) -> None:
+        self.last_read = time.monotonic()
+        self._task = asyncio.ensure_future(call)
+        self._reason: str | None = None
+
+    def abort(self, reason: str) -> None:
+        """End the call: the caller gets `_Retryable(reason)`."""
+        if self._reason is None:
+            self._reason = reason
+            self._task.cancel()
+
+    async def result(self) -> T:
+        try:
+            return await self._task  # the caller's own cancellation cancels the task too
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._reason is None or (current is not None and current.cancelling()):
+                raise
+            raise _Retryable(self._reason) from None
+
+
 class UpstreamEngine:
     def __init__(self, settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._config = settings
@@ -185,14 +216,17 @@ class UpstreamEngine:
         """The prompt's tokens by the upstream's own tokenizer: vLLM's and SGLang's
         `/tokenize`, or llama-cpp-python's `/extras/tokenize`. An upstream with
         neither cannot be counted (count None, and `warnings` says so): its own
-        length check and its usage figures stand in for ours."""
+        length check and its usage figures stand in for ours. Only replicas that
+        are up are asked: a stuck one would hold the request for `read_timeout`
+        before it is even sent."""
         client = self._require_client()
         while self._tokenize_route < len(TOKENIZE_ROUTES):
             path, field = TOKENIZE_ROUTES[self._tokenize_route]
-            for replica in self._by_load():
+            for replica in [r for r in self._by_load() if r.up]:
                 try:
-                    response = await client.post(f"{replica.url}{path}", json={"model": self._name, field: text})
-                except httpx.HTTPError:
+                    response = await self._call(replica, client.post(f"{replica.url}{path}", json={
+                        "model": self._name, field: text}))  # fmt: skip
+                except (httpx.HTTPError, _Retryable):
                     continue
                 if response.status_code == 200:
                     body = response.json()
@@ -266,7 +300,7 @@ class UpstreamEngine:
         client = self._require_client()
         http_request = client.build_request("POST", f"{replica.url}/v1/completions", json=self._body(request))
         try:
-            response = await client.send(http_request, stream=True)
+            response = await self._call(replica, client.send(http_request, stream=True))
         except httpx.TimeoutException as error:
             raise _Retryable(f"timed out connecting: {error!r}") from None
         except httpx.TransportError as error:
@@ -368,6 +402,15 @@ class UpstreamEngine:
             replica.streams.discard(pump)
             await pump.close()
 
+    async def _call(self, replica: Replica, call: Awaitable[T]) -> T:
+        """`call`'s answer, or `_Retryable` if the health check ends it (see `_Call`)."""
+        pending = _Call(call)
+        replica.streams.add(pending)
+        try:
+            return await pending.result()
+        finally:
+            replica.streams.discard(pending)
+
     async def _finish(self, replica: Replica, response: httpx.Response) -> None:
         if not response.is_closed:
             replica.in_flight -= 1
@@ -413,8 +456,9 @@ class UpstreamEngine:
             self._end_silent_streams(replica)
 
     def _end_silent_streams(self, replica: Replica) -> None:
-        """A down replica's streams that have said nothing for a health interval are
-        not coming back: end them now rather than after `read_timeout`."""
+        """A down replica's streams (and requests waiting for an answer) that have said
+        nothing for a health interval are not coming back: end them now rather than
+        after `read_timeout`."""
         now = time.monotonic()
         for pump in replica.streams:
             silent = now - pump.last_read
