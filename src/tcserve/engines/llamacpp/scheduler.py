@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
-from tcserve.engines.llamacpp.native import Model
+from tcserve.engines.llamacpp.model import Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.errors import EngineFailure, Overloaded
 
@@ -108,7 +108,8 @@ class Scheduler:
         self._model = model
         self._deliver = deliver
         self._chunk = chunk
-        assert prefill_budget >= chunk, "a whole chunk must always fit in a step"
+        if prefill_budget < chunk:
+            raise ValueError("the prefill budget must hold a whole chunk: a chunk must always fit in a step")
         self._prefill_budget = prefill_budget
         self._prefix_cache = prefix_cache
         self._reuse_generated = reuse_generated
@@ -141,19 +142,26 @@ class Scheduler:
         try:
             while not self._stopping:
                 self._wake.clear()
-                self._take_inbox()
-                self._drop_cancelled()
-                self._assign_slots()
-                self._update_stats()
-                if any(slot.job for slot in self._slots):
-                    self._step()
-                else:
+                if not self.step():
                     self._wake.wait()
         except BaseException as error:  # a bug here must not leave requests hanging
             log.exception("the batching scheduler stopped")
             self._fail_everyone(error)
             raise
         self._fail_everyone(Overloaded("The server is shutting down", retry_after=1.0))
+
+    def step(self) -> bool:
+        """One round of the worker loop: take newcomers, drop the cancelled, fill free
+        slots and decode one batch. False when no slot had work (nothing was decoded).
+        Only `run` calls it in the server; tests call it directly, one step at a time."""
+        self._take_inbox()
+        self._drop_cancelled()
+        self._assign_slots()
+        self._update_stats()
+        if not any(slot.job for slot in self._slots):
+            return False
+        self._decode_step()
+        return True
 
     def _take_inbox(self) -> None:
         while self._inbox:
@@ -208,7 +216,7 @@ class Scheduler:
             same += 1
         return same if self._reuse_generated else same - same % self._chunk
 
-    def _step(self) -> None:
+    def _decode_step(self) -> None:
         batch = self._model.batch
         batch.clear()
         sampling: list[tuple[Job, int]] = []

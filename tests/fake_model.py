@@ -1,0 +1,149 @@
+"""A fake of `engines.llamacpp.model.Model` for the scheduler's tests: no weights, no llama.cpp.
+
+It keeps what llama.cpp keeps, one token list per sequence ("slot"), and checks what
+llama.cpp would reject: a token must sit right after its sequence's cached tokens and
+inside the slot's context. Its next token is a hash of everything its sequence has
+cached, so a wrong cache (a bad copy, a missed trim, a stale prefix) changes the text.
+
+The vocabulary is bytes: BOS, EOS, then one token per byte value, so a character of
+two or more UTF-8 bytes always spans tokens.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+BOS = 0
+EOS = 1
+_BYTE0 = 2
+VOCAB_SIZE = _BYTE0 + 256
+
+NextToken = Callable[[Sequence[int]], int]
+"""The fake model's "weights": the next token after a sequence's whole cache."""
+
+_PLAIN = b"abcdefghijklmnopqrstuvwxyz "
+
+
+def token_of(byte: int) -> int:
+    return _BYTE0 + byte
+
+
+def tokens_of(text: str) -> list[int]:
+    """The tokens of `text` without BOS (a prompt's tokens are `[BOS, *tokens_of(text)]`)."""
+    return [token_of(byte) for byte in text.encode("utf-8")]
+
+
+def hashed(context: Sequence[int]) -> int:
+    """The default weights: a plain letter picked by a hash of the whole sequence and its length."""
+    digest = zlib.crc32(np.asarray(context, dtype=np.int32).tobytes(), len(context))
+    return token_of(_PLAIN[digest % len(_PLAIN)])
+
+
+def replying(reply: str, after: str = "A:") -> NextToken:
+    """Weights that answer `reply` (then EOS) after the last `after` in the sequence."""
+    marker, answer = tokens_of(after), tokens_of(reply)
+
+    def next_token(context: Sequence[int]) -> int:
+        ends = [
+            i + len(marker) for i in range(len(context) - len(marker) + 1) if context[i : i + len(marker)] == marker
+        ]
+        if not ends:
+            return hashed(context)
+        done = len(context) - ends[-1]
+        return answer[done] if done < len(answer) else EOS
+
+    return next_token
+
+
+class FakeVocab:
+    size = VOCAB_SIZE
+
+    def tokenize(self, text: str) -> list[int]:
+        return [BOS, *tokens_of(text)]
+
+    def piece(self, token: int) -> bytes:
+        return bytes([token - _BYTE0]) if token >= _BYTE0 else b""
+
+    def is_end(self, token: int) -> bool:
+        return token == EOS
+
+
+@dataclass(frozen=True)
+class Entry:
+    token: int
+    position: int
+    slot: int
+    wants_logits: bool
+
+
+class FakeBatch:
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+
+    def add(self, token: int, position: int, slot: int, wants_logits: bool) -> int:
+        self.entries.append(Entry(token, position, slot, wants_logits))
+        return len(self.entries) - 1
+
+    def clear(self) -> None:
+        self.entries = []
+
+
+class FakeModelError(AssertionError):
+    """The scheduler asked for something that llama.cpp would refuse or corrupt."""
+
+
+class FakeModel:
+    def __init__(self, *, slots: int, slot_context: int = 64, next_token: NextToken = hashed) -> None:
+        self.vocab = FakeVocab()
+        self.slot_context = slot_context
+        self.batch = FakeBatch()
+        self.caches: list[list[int]] = [[] for _ in range(slots)]
+        """What each sequence's KV cache holds, position by position."""
+        self.decoded: list[list[Entry]] = []
+        """Every batch that `decode` ran (failed ones included), in order."""
+        self.copies: list[tuple[int, int]] = []
+        self.fail_next: int = 0
+        """A status for the next `decode` to return (nothing is computed then); 0: succeed."""
+        self._next_token = next_token
+        self._rows: dict[int, npt.NDArray[np.float32]] = {}
+
+    def decode(self) -> int:
+        entries = list(self.batch.entries)
+        self.decoded.append(entries)
+        self._rows = {}
+        if status := self.fail_next:
+            self.fail_next = 0
+            return status
+        for index, entry in enumerate(entries):
+            cache = self.caches[entry.slot]
+            if entry.position != len(cache):
+                raise FakeModelError(f"slot {entry.slot}: token at {entry.position} after {len(cache)} cached")
+            if entry.position >= self.slot_context:
+                raise FakeModelError(f"slot {entry.slot}: position {entry.position} past the context")
+            cache.append(entry.token)
+            if entry.wants_logits:
+                self._rows[index] = self._logit_row(self._next_token(cache))
+        return 0
+
+    def logits(self, batch_index: int) -> npt.NDArray[np.float32]:
+        if batch_index not in self._rows:
+            raise FakeModelError(f"no logits for batch index {batch_index}")
+        return self._rows[batch_index]
+
+    def forget(self, slot: int, from_position: int = 0) -> None:
+        del self.caches[slot][from_position:]
+
+    def copy(self, source: int, target: int) -> None:
+        self.copies.append((source, target))
+        self.caches[target] = list(self.caches[source])
+
+    @staticmethod
+    def _logit_row(token: int) -> npt.NDArray[np.float32]:
+        row = np.zeros(VOCAB_SIZE, dtype=np.float32)
+        row[token] = 10.0
+        return row

@@ -1,0 +1,457 @@
+"""The batching scheduler on a fake model (tests/fake_model.py): its policies, without weights.
+
+Most tests call `Scheduler.step` themselves, one step at a time, and look at what
+each `decode` got; a few run `Scheduler.run` on a thread, as the engine does, and
+wait on events with a bound. The fake's next token is a hash of its sequence's whole
+cache, so "the text equals `reference(...)`" means the cache held exactly the prompt
+and the generated tokens, whatever was reused or copied.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from fake_model import EOS, Entry, FakeModel, FakeVocab, NextToken, hashed, replying, token_of
+from tcserve.core.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from tcserve.engines.llamacpp.sampling import Sampler
+from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler
+from tcserve.errors import EngineFailure, Overloaded
+
+CHUNK = 4
+GREEDY = SamplingParams(temperature=0.0)
+WAIT = 10.0
+"""Bound on any wait for the scheduler's thread (it needs milliseconds)."""
+
+
+def ending(outcomes: Sequence[Outcome], job: Job) -> tuple[str, int, int]:
+    *deltas, last = outcomes
+    assert isinstance(last, Finished), last
+    return last.reason, len(job.prompt), sum(d.tokens for d in deltas if isinstance(d, TextDelta))
+
+
+class Harness:
+    """A scheduler over a fake model, with every hand-off it made."""
+
+    def __init__(
+        self,
+        *,
+        slots: int = 2,
+        slot_context: int = 64,
+        prefill_budget: int = 4 * CHUNK,
+        next_token: NextToken = hashed,
+        **options: Any,
+    ) -> None:
+        self.model = FakeModel(slots=slots, slot_context=slot_context, next_token=next_token)
+        self.handoffs: list[list[tuple[Job, Outcome]]] = []
+        self.scheduler = Scheduler(
+            self.model, self.handoffs.append, slots=slots, chunk=CHUNK, prefill_budget=prefill_budget, **options
+        )
+
+    def submit(self, prompt: str, max_tokens: int = 6) -> Job:
+        job = Job(GenerationRequest("req_test", prompt, max_tokens, GREEDY), Sampler(GREEDY), channel=None)
+        self.scheduler.submit(job)
+        return job
+
+    def run_until_idle(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            if not self.scheduler.step():
+                return
+        raise AssertionError(f"still busy after {limit} steps")
+
+    def outcomes(self, job: Job) -> list[Outcome]:
+        return [outcome for handoff in self.handoffs for owner, outcome in handoff if owner is job]
+
+    def text(self, job: Job) -> str:
+        return "".join(o.text for o in self.outcomes(job) if isinstance(o, TextDelta))
+
+    def finished(self, job: Job) -> Finished:
+        last = self.outcomes(job)[-1]
+        assert isinstance(last, Finished), last
+        return last
+
+    def ending(self, job: Job) -> tuple[str, int, int]:
+        """(finish reason, prompt tokens, output tokens: one per TextDelta token)."""
+        return ending(self.outcomes(job), job)
+
+    def positions(self, slot: int, batches: Sequence[list[Entry]] | None = None) -> list[int]:
+        """Positions decoded for `slot`, in order."""
+        batches = self.model.decoded if batches is None else batches
+        return [entry.position for batch in batches for entry in batch if entry.slot == slot]
+
+
+def reference(prompt: str, max_tokens: int, next_token: NextToken = hashed) -> str:
+    """The text a fake model gives for `prompt` alone, computed without the scheduler."""
+    vocab = FakeVocab()
+    context, out = vocab.tokenize(prompt), b""
+    for _ in range(max_tokens):
+        token = next_token(context)
+        if token == EOS:
+            break
+        out += vocab.piece(token)
+        context.append(token)
+    return out.decode("utf-8", errors="replace")
+
+
+def prompt_length(prompt: str) -> int:
+    return len(FakeVocab().tokenize(prompt))
+
+
+# -- one sequence ---------------------------------------------------------------------
+
+
+def test_a_prompt_is_prefilled_in_aligned_chunks_then_decoded_a_token_a_step() -> None:
+    harness = Harness()
+    job = harness.submit("hello world", max_tokens=3)  # BOS + 11 bytes = 12 tokens
+    harness.run_until_idle()
+    batches = [[(e.position, e.wants_logits) for e in batch] for batch in harness.model.decoded]
+    assert batches == [
+        [(0, False), (1, False), (2, False), (3, False)],
+        [(4, False), (5, False), (6, False), (7, False)],
+        [(8, False), (9, False), (10, False), (11, True)],  # logits for the prompt's last token only
+        [(12, True)],
+        [(13, True)],  # the third token is sampled but never decoded
+    ]
+    assert harness.text(job) == reference("hello world", 3)
+    assert harness.ending(job) == ("max_tokens", 12, 3)
+
+
+def test_the_end_of_sequence_token_ends_the_generation_unseen() -> None:
+    harness = Harness(next_token=replying("hi"))
+    job = harness.submit("Q: hello A:", max_tokens=10)
+    harness.run_until_idle()
+    assert [o.text for o in harness.outcomes(job) if isinstance(o, TextDelta) and o.text] == ["h", "i"]
+    assert harness.ending(job) == ("end_of_sequence", prompt_length("Q: hello A:"), 2)
+
+
+def test_a_character_split_across_tokens_arrives_whole() -> None:
+    harness = Harness(next_token=replying("né€"))  # 1 + 2 + 3 bytes, one token each
+    job = harness.submit("Q: A:", max_tokens=10)
+    harness.run_until_idle()
+    assert [o.text for o in harness.outcomes(job) if isinstance(o, TextDelta) and o.text] == ["n", "é", "€"]
+    assert harness.ending(job)[2] == 6
+
+
+def test_a_character_cut_by_max_tokens_ends_as_a_replacement_character() -> None:
+    harness = Harness(next_token=replying("né€"))
+    job = harness.submit("Q: A:", max_tokens=4)  # n, é, and the first byte of €
+    harness.run_until_idle()
+    assert [o.text for o in harness.outcomes(job) if isinstance(o, TextDelta) and o.text] == ["n", "é", "\ufffd"]
+    assert harness.ending(job) == ("max_tokens", prompt_length("Q: A:"), 4)
+
+
+# -- slot choice and prefix reuse -----------------------------------------------------
+
+
+def test_a_newcomer_without_a_shared_prefix_takes_the_least_recently_used_free_slot() -> None:
+    harness = Harness(slots=3)
+    slots = []
+    for prompt in ("apple", "banana", "cherry", "date", "elder"):  # nothing shared beyond BOS
+        job = harness.submit(prompt)
+        harness.run_until_idle()
+        assert job.slot is not None
+        slots.append(job.slot.index)
+        assert harness.text(job) == reference(prompt, 6)
+    assert slots == [0, 1, 2, 0, 1]
+    assert harness.scheduler.stats.reused_tokens == 0
+
+
+def test_a_newcomer_takes_the_slot_that_shares_the_most_whole_chunks() -> None:
+    harness = Harness(slots=3)
+    harness.submit("abcdefgh-zero", max_tokens=2)  # together, so neither reuses the other: slot 0
+    harness.submit("abcdefghijkl-one", max_tokens=6)  # slot 1, released after slot 0
+    harness.run_until_idle()
+    harness.submit("zzzz")  # slot 2
+    harness.run_until_idle()
+    assert [len(tokens) for tokens in harness.model.caches] == [15, 22, 10]
+    decoded_before = len(harness.model.decoded)
+    # Shares BOS + "abcdefgh" (2 chunks) with slot 0, the least recently used, and
+    # BOS + "abcdefghijkl-" (3 whole chunks of 14 tokens) with slot 1.
+    job = harness.submit("abcdefghijkl-new")
+    harness.run_until_idle()
+    assert job.slot is not None and job.slot.index == 1
+    assert harness.scheduler.stats.reused_tokens == 12
+    assert harness.positions(1, harness.model.decoded[decoded_before:])[0] == 12
+    assert harness.model.copies == []  # reused in place
+    assert harness.text(job) == reference("abcdefghijkl-new", 6)
+
+
+def test_the_same_prompt_again_computes_at_least_its_last_token() -> None:
+    harness = Harness(slots=1)
+    prompt = "abcdefghijk"  # 12 tokens: three whole chunks, all reusable
+    first = harness.submit(prompt)
+    harness.run_until_idle()
+    decoded_before = len(harness.model.decoded)
+    second = harness.submit(prompt)
+    harness.run_until_idle()
+    # Its last token's logits are needed, so the last chunk is computed again.
+    assert harness.positions(0, harness.model.decoded[decoded_before:])[:4] == [8, 9, 10, 11]
+    assert harness.scheduler.stats.reused_tokens == 8
+    assert harness.text(second) == harness.text(first) == reference(prompt, 6)
+
+
+def test_without_the_prefix_cache_nothing_is_reused() -> None:
+    harness = Harness(slots=1, prefix_cache=False)
+    prompt = "abcdefghijk"
+    for _ in range(2):
+        job = harness.submit(prompt)
+        harness.run_until_idle()
+        assert harness.text(job) == reference(prompt, 6)
+    assert harness.scheduler.stats.reused_tokens == 0
+    assert harness.positions(0).count(0) == 2
+
+
+@pytest.mark.parametrize("reuse_generated", [False, True])
+def test_a_conversation_reuses_whole_prompt_chunks_or_with_reuse_generated_everything(reuse_generated: bool) -> None:
+    harness = Harness(slots=1, reuse_generated=reuse_generated)
+    turn_1 = "Q: hi A:"  # 9 tokens: two whole chunks
+    first = harness.submit(turn_1, max_tokens=6)
+    harness.run_until_idle()
+    turn_2 = f"{turn_1}{harness.text(first)} Q: more A:"
+    second = harness.submit(turn_2, max_tokens=6)
+    harness.run_until_idle()
+    # The cache holds turn 1 and its answer but the last answer token (sampled, never decoded).
+    expected = prompt_length(turn_1) + 6 - 1 if reuse_generated else 8
+    assert harness.scheduler.stats.reused_tokens == expected
+    assert harness.text(second) == reference(turn_2, 6)
+
+
+def test_a_prefix_held_by_a_running_sequence_is_copied_then_trimmed() -> None:
+    harness = Harness(slots=2)
+    runner = harness.submit("abcdefghijklmnop-A", max_tokens=30)  # 19 tokens, 16 reusable
+    while not harness.text(runner):
+        harness.scheduler.step()
+    newcomer = harness.submit("abcdefghijklmnop-B", max_tokens=6)
+    harness.scheduler.step()
+    assert newcomer.slot is not None and newcomer.slot.index == 1
+    assert harness.model.copies == [(0, 1)]
+    assert harness.positions(1)[0] == 16  # the copied cache, runner's generated tokens trimmed off
+    harness.run_until_idle()
+    assert harness.text(newcomer) == reference("abcdefghijklmnop-B", 6)
+    assert harness.text(runner) == reference("abcdefghijklmnop-A", 30)  # undisturbed
+
+
+# -- the prefill budget ---------------------------------------------------------------
+
+
+def slots_and_positions(batches: Sequence[list[Entry]]) -> list[dict[int, list[int]]]:
+    steps: list[dict[int, list[int]]] = []
+    for batch in batches:
+        step: dict[int, list[int]] = {}
+        for entry in batch:
+            step.setdefault(entry.slot, []).append(entry.position)
+        steps.append(step)
+    return steps
+
+
+def test_a_budget_below_one_chunk_is_refused() -> None:
+    """The engine raises a smaller budget to one chunk (once); the scheduler insists on it."""
+    with pytest.raises(ValueError, match="whole chunk"):
+        Harness(prefill_budget=CHUNK - 1)
+
+
+def test_newcomers_are_prefilled_first_come_first_served_within_the_budget() -> None:
+    harness = Harness(slots=3, prefill_budget=CHUNK)
+    for prompt in ("abcde", "xy", "z"):  # 6 tokens (chunks of 4 and 2), 3 and 2
+        harness.submit(prompt, max_tokens=8)
+    for _ in range(4):
+        harness.scheduler.step()
+    assert slots_and_positions(harness.model.decoded) == [
+        {0: [0, 1, 2, 3]},
+        {0: [4, 5]},  # "z" would fit in the 2 tokens left but does not overtake "xy"
+        {0: [6], 1: [0, 1, 2]},  # generated tokens do not count against the budget
+        {0: [7], 1: [3], 2: [0, 1]},
+    ]
+
+
+def test_a_burst_is_prefilled_in_groups_that_fit_the_budget() -> None:
+    harness = Harness(slots=4, prefill_budget=2 * CHUNK)
+    jobs = [harness.submit(prompt, max_tokens=3) for prompt in ("ab", "cd", "ef", "gh")]  # 3 tokens each
+    harness.run_until_idle()
+    first_handoff = [
+        next(n for n, handoff in enumerate(harness.handoffs) if any(owner is job for owner, _ in handoff))
+        for job in jobs
+    ]
+    assert first_handoff == [0, 0, 1, 1]
+    assert all(harness.ending(job)[2] == 3 for job in jobs)
+
+
+# -- cancellation ---------------------------------------------------------------------
+
+
+def test_a_cancelled_sequence_frees_its_slot_at_the_next_step() -> None:
+    harness = Harness(slots=1)
+    runner = harness.submit("abcdefgh", max_tokens=40)
+    waiting = harness.submit("abcdefgh and more", max_tokens=4)
+    while not harness.text(runner):
+        harness.scheduler.step()
+    assert waiting.slot is None
+    seen = len(harness.outcomes(runner))
+    harness.scheduler.cancel(runner)
+    harness.scheduler.step()
+    assert waiting.slot is not None and waiting.slot.index == 0 and runner.slot is not None
+    assert runner.slot.job is waiting
+    harness.run_until_idle()
+    assert len(harness.outcomes(runner)) == seen  # nothing more, not even a Finished
+    assert harness.scheduler.stats.reused_tokens == 8  # a cancelled sequence's cache stays reusable
+    assert harness.text(waiting) == reference("abcdefgh and more", 4)
+
+
+def test_a_cancelled_newcomer_never_reaches_a_batch() -> None:
+    harness = Harness(slots=1)
+    runner = harness.submit("abc", max_tokens=5)
+    queued = harness.submit("xyz", max_tokens=5)
+    harness.scheduler.step()
+    harness.scheduler.cancel(queued)
+    harness.run_until_idle()
+    assert harness.outcomes(queued) == []
+    assert token_of(ord("x")) not in [e.token for batch in harness.model.decoded for e in batch]
+    assert harness.ending(runner)[2] == 5
+    assert harness.scheduler.stats.running == harness.scheduler.stats.waiting == 0
+
+
+# -- context and failures -------------------------------------------------------------
+
+
+def test_a_prompt_that_fills_the_context_fails_before_any_batch() -> None:
+    harness = Harness(slots=2, slot_context=16)
+    impossible = harness.submit("x" * 15)  # 16 tokens: no room for the prompt's logits
+    largest = harness.submit("y" * 14, max_tokens=2)  # 15 tokens + 1 generated token decoded
+    harness.run_until_idle()
+    (failure,) = harness.outcomes(impossible)
+    assert isinstance(failure, EngineFailure) and "16 tokens" in str(failure)
+    assert impossible.slot is None
+    assert token_of(ord("x")) not in [e.token for batch in harness.model.decoded for e in batch]
+    assert harness.ending(largest) == ("max_tokens", 15, 2)
+
+
+def test_a_sequence_that_runs_out_of_context_fails_alone() -> None:
+    harness = Harness(slots=2, slot_context=16)
+    overrun = harness.submit("abcdefghi", max_tokens=100)  # 10 tokens
+    bystander = harness.submit("jkl", max_tokens=5)
+    harness.run_until_idle()
+    *deltas, failure = harness.outcomes(overrun)
+    assert isinstance(failure, EngineFailure) and "context" in str(failure)
+    assert len(deltas) == 16 - 10 + 1  # the token sampled at the last position is still sent
+    assert max(harness.positions(0)) == 15  # never past the context (the fake would raise)
+    assert harness.model.caches[0] == [] and overrun.slot is not None and overrun.slot.tokens == []
+    assert harness.text(bystander) == reference("jkl", 5)
+
+
+def test_a_failed_decode_fails_the_whole_batch_and_forgets_its_caches() -> None:
+    harness = Harness(slots=2)
+    first = harness.submit("abcdefgh one", max_tokens=20)
+    second = harness.submit("abcdefgh two", max_tokens=20)
+    queued = harness.submit("abcdefgh three", max_tokens=4)
+    for _ in range(5):
+        harness.scheduler.step()
+    harness.model.fail_next = -3
+    harness.scheduler.step()
+    for job in (first, second):
+        failure = harness.outcomes(job)[-1]
+        assert isinstance(failure, EngineFailure) and "returned -3" in str(failure)
+    assert harness.model.caches == [[], []]
+    harness.run_until_idle()
+    # The queued job shares two chunks with both, but nothing of a failed batch is trusted.
+    assert harness.scheduler.stats.reused_tokens == 0
+    assert harness.text(queued) == reference("abcdefgh three", 4)
+
+
+# -- on its own thread, as in the engine ----------------------------------------------
+
+
+class Recorder:
+    """A thread-safe `deliver` that tells when a job's last outcome has arrived."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[int, list[Outcome]] = {}
+        self._lock = threading.Lock()
+        self._ended: dict[int, threading.Event] = {}
+        self._started: dict[int, threading.Event] = {}
+
+    def watch(self, job: Job) -> Job:
+        self._ended[id(job)], self._started[id(job)] = threading.Event(), threading.Event()
+        self.outcomes[id(job)] = []
+        return job
+
+    def __call__(self, outbox: list[tuple[Job, Outcome]]) -> None:
+        with self._lock:
+            for job, outcome in outbox:
+                self.outcomes[id(job)].append(outcome)
+                self._started[id(job)].set()
+                if not isinstance(outcome, TextDelta):
+                    self._ended[id(job)].set()
+
+    def started(self, job: Job) -> bool:
+        return self._started[id(job)].wait(WAIT)
+
+    def ended(self, job: Job) -> bool:
+        return self._ended[id(job)].wait(WAIT)
+
+
+def threaded(model: FakeModel, recorder: Recorder, slots: int) -> tuple[Scheduler, threading.Thread]:
+    scheduler = Scheduler(model, recorder, slots=slots, chunk=CHUNK, prefill_budget=CHUNK)
+    thread = threading.Thread(target=scheduler.run, name="test-scheduler")
+    thread.start()
+    return scheduler, thread
+
+
+def new_job(prompt: str, max_tokens: int) -> Job:
+    return Job(GenerationRequest("req_test", prompt, max_tokens, GREEDY), Sampler(GREEDY), channel=None)
+
+
+def test_the_worker_loop_serves_jobs_submitted_while_it_waits() -> None:
+    recorder = Recorder()
+    scheduler, thread = threaded(FakeModel(slots=2), recorder, slots=2)
+    try:
+        jobs = [recorder.watch(new_job(prompt, 5)) for prompt in ("one", "two", "three")]
+        for job in jobs:
+            scheduler.submit(job)
+        assert all(recorder.ended(job) for job in jobs)
+    finally:
+        scheduler.stop()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    for job, prompt in zip(jobs, ("one", "two", "three"), strict=True):
+        *deltas, _ = recorder.outcomes[id(job)]
+        assert "".join(d.text for d in deltas if isinstance(d, TextDelta)) == reference(prompt, 5)
+        assert ending(recorder.outcomes[id(job)], job) == ("max_tokens", prompt_length(prompt), 5)
+
+
+def test_cancelling_wakes_the_loop_and_the_slot_goes_to_the_next_job() -> None:
+    endless = FakeModel(slots=1, slot_context=10**9, next_token=lambda _context: token_of(ord("a")))
+    recorder = Recorder()
+    scheduler, thread = threaded(endless, recorder, slots=1)
+    try:
+        runner = recorder.watch(new_job("go", 10**8))
+        scheduler.submit(runner)
+        assert recorder.started(runner)
+        follower = recorder.watch(new_job("next", 3))
+        scheduler.submit(follower)
+        scheduler.cancel(runner)  # the only slot: the follower runs only once it is freed
+        assert recorder.ended(follower)
+    finally:
+        scheduler.stop()
+        thread.join(WAIT)
+    assert ending(recorder.outcomes[id(follower)], follower) == ("max_tokens", prompt_length("next"), 3)
+    assert all(isinstance(o, TextDelta) for o in recorder.outcomes[id(runner)])
+
+
+def test_stopping_fails_running_and_waiting_jobs_as_overloaded() -> None:
+    endless = FakeModel(slots=1, slot_context=10**9, next_token=lambda _context: token_of(ord("a")))
+    recorder = Recorder()
+    scheduler, thread = threaded(endless, recorder, slots=1)
+    runner, queued = recorder.watch(new_job("go", 10**8)), recorder.watch(new_job("wait", 3))
+    try:
+        scheduler.submit(runner)
+        scheduler.submit(queued)
+        assert recorder.started(runner)
+    finally:
+        scheduler.stop()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    for job in (runner, queued):
+        assert isinstance(recorder.outcomes[id(job)][-1], Overloaded)
