@@ -179,6 +179,8 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidRequestError(f"The request body is not valid JSON: {error}") from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise InvalidRequestError("The request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object")
     try:
