@@ -184,8 +184,8 @@ def check_invariants(client: anthropic.Anthropic, request: dict[str, object], *,
 @given(request=valid_requests(context=8192))
 @settings(max_examples=EXAMPLES * 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_valid_requests_at_the_edges_are_served_within_the_contract(request: dict[str, object], live: str) -> None:
-    client = anthropic.Anthropic(base_url=live, api_key="unused", max_retries=0)
-    check_invariants(client, request, deterministic=True)  # the fake engine ignores sampling
+    with anthropic.Anthropic(base_url=live, api_key="unused", max_retries=0) as client:
+        check_invariants(client, request, deterministic=True)  # the fake engine ignores sampling
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +205,8 @@ def test_most_fuzzed_requests_reach_generation() -> None:
 @pytest.mark.model
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324])
 def test_a_tiny_temperature_on_the_real_model_is_greedy(real_model: str, temperature: float) -> None:
-    client = anthropic.Anthropic(base_url=real_model, api_key="unused", max_retries=0)
     request = {"model": "gemma-3-270m", "prompt": "\n\nHuman: Name a colour.\n\nAssistant:", "max_tokens_to_sample": 8}
-    greedy = client.completions.create(**request, temperature=0.0)  # type: ignore[call-overload]
-    tiny = client.completions.create(**request, temperature=temperature)  # type: ignore[call-overload]
+    with anthropic.Anthropic(base_url=real_model, api_key="unused", max_retries=0) as client:
+        greedy = client.completions.create(**request, temperature=0.0)  # type: ignore[call-overload]
+        tiny = client.completions.create(**request, temperature=temperature)  # type: ignore[call-overload]
     assert greedy.completion and tiny.completion == greedy.completion
