@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from tcserve.api.server import edge_protocol
 from tcserve.config import FakeModel, Settings
 
 PROMPT = "\n\nHuman: Say hello.\n\nAssistant:"
@@ -26,8 +27,9 @@ def fake_model(**overrides: object) -> FakeModel:
 
 @contextmanager
 def serve_app(app: FastAPI, *, wait_ready: bool = True) -> Iterator[str]:
-    """Yield the base URL of `app` served by uvicorn; stop it on exit."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+    """Yield the base URL of `app` served by uvicorn with tcserve's HTTP protocol; stop it on exit."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on",
+                            http=edge_protocol(header_timeout=10.0))  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

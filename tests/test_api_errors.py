@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,3 +254,110 @@ def test_a_model_that_fails_to_load_is_a_500_not_a_hang(tmp_path: Path) -> None:
     assert response.status_code == 500
     message = "model broken failed to load; see the server log"
     assert response.json()["error"] == {"type": "api_error", "message": message}
+
+
+def _with_surrogate(payload: dict[str, object]) -> bytes:
+    """The JSON text of `payload` with each "@@" turned into `\\ud800`, which json
+    decodes to a lone surrogate (httpx's own encoder would refuse the string)."""
+    return json.dumps(payload).replace("@@", "\\ud800").encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (body(model="claude-@@"), "model"),
+        (body(prompt=PROMPT + " @@"), "prompt"),
+        (body(stop_sequences=["@@"]), "stop_sequences.0"),
+        (body(metadata={"user_id": "@@"}), "metadata.user_id"),
+    ],
+)
+def test_a_lone_surrogate_in_any_string_field_is_the_same_400(
+    client: httpx.Client, payload: dict[str, object], field: str
+) -> None:
+    response = client.post(
+        "/v1/complete", content=_with_surrogate(payload), headers={"content-type": "application/json"}
+    )
+    message = f"{field}: Input should be a valid string, unable to parse raw data as a unicode string"
+    assert_error(response, 400, "invalid_request_error", message)
+
+
+def test_deeply_nested_json_is_400_not_500(keyed: httpx.Client) -> None:
+    nested = b"[" * 10_000 + b"]" * 10_000  # past json's recursion limit
+    content = json.dumps(body(metadata={"user_id": "@@"})).encode().replace(b'"@@"', nested)
+    response = keyed.post("/v1/complete", content=content, headers={**VERSION, "x-api-key": KEY})
+    assert_error(response, 400, "invalid_request_error", "The request body is nested too deeply")
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send `request` as it is and read until the server closes the connection."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("header", "accepted"),
+    [
+        (f"x-api-key: {KEY}", True),
+        (f"x-api-key:  {KEY}", True),
+        (f"x-api-key: {KEY} ", True),
+        (f"x-api-key: {KEY}\t", True),
+        (f"x-api-key: \t{KEY} \t", True),
+        (f"authorization: Bearer {KEY}", True),
+        (f"authorization: Bearer {KEY} ", True),
+        (f"authorization: Bearer  {KEY}\t", True),
+        (f"authorization: bearer {KEY}", True),
+        (f"x-api-key: {KEY}x", False),
+        (f"x-api-key: {KEY[:4]} {KEY[4:]}", False),  # whitespace inside is part of the value
+        (f"authorization: Bearer {KEY[:4]} {KEY[4:]}", False),
+        ("x-api-key:  \t", None),
+        ("authorization: Bearer  ", None),
+    ],
+)
+def test_whitespace_around_a_key_is_one_rule_for_both_headers(
+    keyed: httpx.Client, header: str, accepted: bool | None
+) -> None:
+    # Raw bytes: an HTTP client library would trim or refuse the whitespace itself.
+    request = (
+        f"GET /v1/models HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\n{header}\r\nconnection: close\r\n\r\n"
+    )
+    head, _, content = _raw_exchange(str(keyed.base_url).rstrip("/"), request.encode()).partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == (b"200" if accepted else b"401"), header
+    if not accepted:  # only whitespace is no key at all
+        message = "invalid x-api-key" if accepted is False else "x-api-key header is required"
+        assert json.loads(content)["error"]["message"] == message
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/v1/models/fake"])
+def test_head_is_answered_like_get_without_a_body(client: httpx.Client, path: str) -> None:
+    got = client.get(path)
+    head = client.head(path)
+    assert got.status_code == head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["request-id"].startswith("req_01")
+    if "content-length" in got.headers and path != "/metrics":  # the metrics change between the two calls
+        assert head.headers["content-length"] == got.headers["content-length"]
+
+
+def test_head_on_an_unknown_model_is_404_without_a_body(client: httpx.Client) -> None:
+    head = client.head("/v1/models/claude-x")
+    assert head.status_code == 404 and head.content == b""
+    assert head.headers["request-id"].startswith("req_01")
+
+
+def test_head_is_not_allowed_where_get_is_not(client: httpx.Client) -> None:
+    head = client.head("/v1/complete")
+    assert head.status_code == 405 and head.content == b""
+
+
+@pytest.mark.parametrize("path", ["/v1/complete/", "/v1/models/", "/health/"])
+def test_a_trailing_slash_is_404_not_a_redirect(client: httpx.Client, path: str) -> None:
+    method = "POST" if path == "/v1/complete/" else "GET"
+    response = client.request(method, path, json=body(), headers={"host": "attacker.example"})
+    assert_error(response, 404, "not_found_error")
+    assert "location" not in response.headers

@@ -176,3 +176,37 @@ def test_a_client_that_sends_its_headers_too_slowly_is_disconnected(tmp_path: Pa
         process.terminate()
         process.wait(30)
     assert healthy.status_code == 200
+
+
+def test_a_second_sigint_exits_at_once_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "tcserve.toml"
+    config.write_text(
+        "[[models]]\nname = 'fake'\nengine = 'fake'\nreply = '" + " tick" * 400 + "'\ntoken_delay = 0.2\n"
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "tcserve", "serve", "--config", str(config), "--port", str(port),
+               "--shutdown-timeout", "300"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(url, process)
+        with httpx.stream("POST", f"{url}/v1/complete", headers=VERSION, json=body(stream=True), timeout=30) as running:
+            lines = running.iter_lines()
+            assert next(lines).startswith("event: completion")  # a stream of 80 s is running
+            process.send_signal(signal.SIGINT)
+            for _ in range(300):  # the first signal drains: new requests get 529
+                refused = httpx.post(f"{url}/v1/complete", headers=VERSION, json=body(max_tokens_to_sample=2))
+                if refused.status_code == 529:
+                    break
+            assert refused.status_code == 529
+            process.send_signal(signal.SIGINT)  # the second one must not wait for the stream
+            events = _events(lines)
+        _, stderr = process.communicate(timeout=30)  # far less than the stream or the 300 s drain
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    name, data = events[-1]
+    assert name == "error" and data["error"]["type"] == "overloaded_error"
+    assert process.returncode == 130
+    assert "Traceback" not in stderr

@@ -88,11 +88,17 @@ def create_app(
         version=__version__,
         description="Anthropic's Text Completions API (POST /v1/complete) on local models.",
         lifespan=lifespan,
+        # Anthropic's API answers 404 for unknown paths; a 307 to the slash-less path would
+        # also build its Location from the client's Host header.
+        redirect_slashes=False,
     )
     app.include_router(complete.router)
     app.include_router(models.router)
     app.add_api_route("/health", health, methods=["GET"], summary="Ready (200) or loading (503)")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics")
+    # HEAD beside every GET (monitors and load balancers send it); the server drops the body.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["HEAD"], include_in_schema=False)
     public = PUBLIC_PATHS
     if settings.playground:  # off, `/` is an unknown path like any other (and needs the key first)
         app.include_router(playground.router())

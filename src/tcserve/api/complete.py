@@ -104,6 +104,8 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"The request body is not valid JSON: {error}") from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise InvalidRequest("The request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object")
     try:

@@ -21,6 +21,7 @@ import logging
 import time
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tcserve.accounting.keys import KeyRecord, KeySource
@@ -39,6 +40,8 @@ from tcserve.logs import request_id_var
 log = logging.getLogger("tcserve.access")
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that left before the answer: only ever logged."""
 
 
 def request_id_of(scope: Scope) -> str:
@@ -76,6 +79,11 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         except SlowReader as cut_off:
             log.warning("%s: stream ended", cut_off)  # the connection is closed; nothing else to send
+        except ClientDisconnect:
+            # The client left before its body was complete: not a server fault, and nobody
+            # is there to answer. Logged as the other disconnects are (499), no traceback.
+            status = status or CLIENT_CLOSED_REQUEST
+            log.info("the client disconnected before its request body was complete")
         except Exception as error:  # the last line of defence: never a stack trace on the wire
             if status:
                 raise  # headers already went out; uvicorn closes the connection
@@ -130,12 +138,18 @@ def key_of(scope: Scope) -> KeyRecord | None:
     return record
 
 
+_OWS = " \t"
+
+
 def _presented_key(headers: Headers) -> str | None:
-    if key := headers.get("x-api-key"):
+    """One rule for both headers: the optional whitespace that HTTP allows around a field
+    value (and a Bearer token) is not part of the key; whitespace inside it is, and such
+    a key matches nothing, since no key contains whitespace. An empty key is a missing one."""
+    if key := headers.get("x-api-key", "").strip(_OWS):
         return key
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    scheme, _, token = headers.get("authorization", "").strip(_OWS).partition(" ")
+    if scheme.lower() == "bearer" and (token := token.strip(_OWS)):
+        return token
     return None
 
 

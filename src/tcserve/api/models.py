@@ -21,6 +21,7 @@ def model_info(entry: ModelEntry) -> ModelInfo:
     return ModelInfo(id=entry.id, display_name=entry.display_name, created_at=iso_z(entry.created_at))
 
 
+@router.head("/v1/models", include_in_schema=False)  # HEAD beside every GET, as in app.py
 @router.get("/v1/models", response_model=ModelList, summary="List models")
 async def list_models(
     request: Request,
@@ -56,6 +57,7 @@ def _position(index: int | None, name: str, model_id: str) -> int:
     return index
 
 
+@router.head("/v1/models/{model_id:path}", include_in_schema=False)
 @router.get("/v1/models/{model_id:path}", response_model=ModelInfo, summary="Get a model")
 async def get_model(request: Request, model_id: str) -> ModelInfo:
     return model_info(server_state(request).catalog.resolve(model_id))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 
 StopReason = Literal["stop_sequence", "max_tokens"]
 
@@ -12,10 +13,27 @@ SUPPORTED_VERSIONS = frozenset({"2023-06-01", "2023-01-01", "2026-10-21"})
 """`2023-01-01` is answered in the 2023-06-01 format (delta streaming)."""
 
 
+def _whole_unicode(text: str) -> str:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which no UTF-8 text can carry
+    (echoing one back would fail). pydantic refuses them only in fields with a length
+    constraint; this gives every string field the same 400, in pydantic's words."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "string_unicode", "Input should be a valid string, unable to parse raw data as a unicode string"
+        ) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_whole_unicode)]
+"""Every string field of a request: strict, and whole Unicode."""
+
+
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: StrictStr | None = Field(None, max_length=512)
+    user_id: Annotated[StrictStr, Field(max_length=512), AfterValidator(_whole_unicode)] | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -23,10 +41,10 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr
-    prompt: StrictStr = Field(min_length=1)
+    model: Text
+    prompt: Annotated[StrictStr, Field(min_length=1), AfterValidator(_whole_unicode)]
     max_tokens_to_sample: StrictInt = Field(ge=1)
-    stop_sequences: list[StrictStr] | None = None
+    stop_sequences: list[Text] | None = None
     temperature: StrictFloat | None = Field(None, ge=0, le=1)
     top_p: StrictFloat | None = Field(None, ge=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0)

@@ -186,8 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
     models = load_models(settings)  # config mistakes end here, before logging is set up
     logs.setup(settings.log_level)
     app = create_app(settings, models)
-    serve(app, settings.host, settings.port, settings.shutdown_timeout, settings.header_timeout)
-    return 0
+    return serve(app, settings.host, settings.port, settings.shutdown_timeout, settings.header_timeout)
 
 
 class ClientError(Exception):

@@ -23,6 +23,14 @@ from tcserve.core.transcript import HUMAN_TURN
 HUMAN_STOP = HUMAN_TURN
 """The stop that every Text Completions request has, before the user's own."""
 
+GREEDY_BELOW = 1e-5
+"""Temperatures under this are sampled greedily, the T -> 0 limit (vLLM's threshold
+too). At T = 1e-5 a token whose logit is more than 50 T = 5e-4 below the best has a
+probability under e^-50 (times a 262,144-token vocabulary, still under 2^-53, below
+what a float64 draw resolves), so tempered sampling could differ from greedy only
+between tokens closer than llama.cpp's own run-to-run noise in the logits. Tiny
+temperatures also underflow: float32(1e-46) is 0, and the softmax was NaN."""
+
 StopReason = Literal["stop_sequence", "max_tokens"]
 """The wire's stop reasons."""
 
@@ -45,7 +53,7 @@ class CompletionCall:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick each next token. `temperature == 0` means greedy."""
+    """How to pick each next token. `temperature < GREEDY_BELOW` (0 included) means greedy."""
 
     temperature: float = 1.0
     top_p: float | None = None
@@ -54,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)

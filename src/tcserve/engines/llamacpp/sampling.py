@@ -41,7 +41,9 @@ class Sampler:
         if params.top_k and params.top_k < scores.size:
             candidates = np.argpartition(scores, -params.top_k)[-params.top_k :]
             scores = scores[candidates]
-        probs = np.exp((scores - scores.max()) / np.float32(params.temperature), dtype=np.float64)
+        # In float64: the scaled gaps reach 1e5 times the logits' (GREEDY_BELOW), and the
+        # best token's term is exp(0) = 1, so the sum is never 0 and nothing is NaN.
+        probs = np.exp((scores.astype(np.float64) - float(scores.max())) / params.temperature)
         probs /= probs.sum()
         if params.top_p is not None and params.top_p < 1.0:
             kept, probs = _nucleus(probs, params.top_p)
