@@ -36,7 +36,7 @@ from tcserve.api.app import create_app
 from tcserve.api.complete import parse_completion_request
 from tcserve.api.errors import to_api_error
 from tcserve.config import LlamaCppModel
-from tcserve.core.request import HUMAN_STOP
+from tcserve.core.request import GREEDY_BELOW, HUMAN_STOP
 from tcserve.errors import InvalidRequest
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -138,7 +138,8 @@ _stops = st.lists(
 
 
 @st.composite
-def valid_requests(draw: st.DrawFn, context: int) -> dict[str, object]:
+def valid_requests(draw: st.DrawFn, context: int, longest: int | None = None) -> dict[str, object]:
+    """`longest`: the most tokens to ask for (default: up to the context)."""
     system = draw(st.sampled_from(["", "You are terse.", "Système: ☃"]) | _text)
     human = draw(_text)
     prefill = draw(st.sampled_from(["", " Sure", " ☃ 😀"]) | _text)
@@ -146,7 +147,7 @@ def valid_requests(draw: st.DrawFn, context: int) -> dict[str, object]:
     request: dict[str, object] = {
         "model": draw(st.sampled_from(["fake", "claude-sonnet-4-5", "claude-3-haiku-20240307"])),
         "prompt": prompt,
-        "max_tokens_to_sample": draw(st.integers(1, 16) | st.integers(1, context - len(prompt) - 1)),
+        "max_tokens_to_sample": draw(st.integers(1, 16) | st.integers(1, longest or context - len(prompt) - 1)),
         "temperature": draw(_temperatures),
     }
     if draw(st.booleans()):
@@ -202,6 +203,18 @@ def test_most_fuzzed_requests_reach_generation() -> None:
     if not STATUSES:
         pytest.skip("no requests were fuzzed in this run")
     assert STATUSES[200] * 2 >= sum(STATUSES.values()), dict(STATUSES)
+
+
+@pytest.mark.model
+@given(request=valid_requests(context=1024, longest=24))
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_valid_requests_at_the_edges_on_the_real_model(request: dict[str, object], real_model: str) -> None:
+    """A short run on the real model, where sampling is real: greedy requests must stream
+    exactly what they answer whole (the engine is idle between them)."""
+    request = {**request, "model": "claude-sonnet-4-5"}
+    greedy = float(request["temperature"]) < GREEDY_BELOW or request.get("top_k") == 1  # type: ignore[arg-type]
+    with anthropic.Anthropic(base_url=real_model, api_key="unused", max_retries=0, timeout=240) as client:
+        check_invariants(client, request, deterministic=greedy)
 
 
 @pytest.mark.model

@@ -24,7 +24,7 @@ from tcserve.api import sse
 from tcserve.api.disconnect import ClientDisconnected, until_disconnected
 from tcserve.api.errors import edge_validation_message, error_event_data, to_api_error
 from tcserve.api.headers import require_version
-from tcserve.api.middleware import key_of, request_id_of
+from tcserve.api.middleware import CLIENT_CLOSED_REQUEST, key_of, request_id_of
 from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import server_state
@@ -34,7 +34,6 @@ from tcserve.ids import new_id
 
 router = APIRouter()
 
-CLIENT_CLOSED_REQUEST = 499
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
