@@ -96,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
 _SERVE_HELP = """Start the server. Flags override TCSERVE_* variables, which override defaults.
 Without --config the server has one model, the packaged Gemma 3 270M (or --model-path),
-which also answers every Claude model id of the SDKs' model list."""
+which also answers every Claude model id of the SDKs' model list. --models-dir DIR
+also serves every *.gguf of DIR, loaded on its first request (which waits up to
+--load-timeout, then gets 529), unloaded after --keep-alive seconds idle, within
+--max-loaded-models (README, "A folder of models")."""
 
 _KEYS_HELP = """Manage the keys file that `tcserve serve --keys-file` reads. Keys are stored as
 SHA-256 hashes; `add` prints the new key once. A running server applies changes
