@@ -144,7 +144,7 @@ def test_engine_failure_before_the_response_is_a_generic_500() -> None:
 
 
 def test_loading_model_health_503_then_complete_529() -> None:
-    app = create_app(settings(), [fake_model(load_delay=30)])
+    app = create_app(settings(load_timeout=0.2), [fake_model(load_delay=30)])
     with serve_app(app, wait_ready=False) as url:
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503

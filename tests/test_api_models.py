@@ -67,15 +67,12 @@ def test_newest_first_ties_by_id(client: httpx.Client) -> None:
         "claude-sonnet-4-20250514", "claude-sonnet-4-0", "claude-4-sonnet-20250514",
         "claude-opus-4-0", "claude-opus-4-20250514", "claude-4-opus-20250514",
     }  # fmt: skip
+    ours = {"loaded": True, "format": "fake", "file": None, "size_bytes": None}  # tcserve's extra fields
     assert data[-2:] == [
-        {"type": "model", "id": "fake", "display_name": "Local fake", "created_at": "2020-01-01T00:00:00Z"},
-        {
-            "type": "model",
-            "id": "fake-alias",
-            "display_name": "Local fake",
-            "created_at": "2020-01-01T00:00:00Z",
-        },
-    ]
+        {"type": "model", "id": "fake", "display_name": "Local fake", "created_at": "2020-01-01T00:00:00Z", **ours},
+        {"type": "model", "id": "fake-alias", "display_name": "Local fake", "created_at": "2020-01-01T00:00:00Z",
+         **ours},
+    ]  # fmt: skip
 
 
 def test_default_page_and_has_more(client: httpx.Client) -> None:
@@ -117,7 +114,7 @@ def test_get_one_model(client: httpx.Client) -> None:
     response = client.get("/v1/models/claude-haiku-4-5")
     assert response.json() == {
         "type": "model", "id": "claude-haiku-4-5", "display_name": "Claude Haiku 4.5",
-        "created_at": "2025-10-01T00:00:00Z",
+        "created_at": "2025-10-01T00:00:00Z", "loaded": True, "format": "fake", "file": None, "size_bytes": None,
     }  # fmt: skip
 
 

@@ -53,6 +53,19 @@ class _ModelBase(BaseModel):
         True, description="Enforce the Human/Assistant prompt rules; false for raw completion on base models."
     )
     created_at: datetime | None = Field(None, description="Listed by /v1/models; defaults to the file's date.")
+    keep_alive: float | None = Field(
+        None,
+        ge=-1,
+        description="Seconds idle before the model is unloaded (it loads again on its next request); -1 or none:"
+        " kept loaded for ever. Models of --models-dir take --keep-alive.",
+    )
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _minus_one_or_more(cls, value: float | None) -> float | None:
+        if value is not None and -1 < value < 0:
+            raise ValueError("keep_alive must be -1 (for ever) or at least 0 seconds")
+        return value
 
 
 class LlamaCppModel(_ModelBase):
@@ -215,6 +228,34 @@ class Settings(BaseSettings):
         description="do not reuse the cache of a shared prompt prefix (for benchmarks)",
         json_schema_extra=cli("--no-prefix-cache", const=False, default="reuse on"),
     )
+    models_dir: Path | None = Field(
+        None,
+        description="also serve every *.gguf file of this folder, loaded on its first request, under its file "
+        "name lowercased without .gguf (characters other than a-z 0-9 . _ - become -); files added later are "
+        "served too; names that collide are a start-up error",
+        json_schema_extra=cli(metavar="DIR"),
+    )
+    keep_alive: float = Field(
+        300.0,
+        ge=-1,
+        description="seconds a model of --models-dir stays loaded while idle; -1: for ever (configured models "
+        "take their own keep_alive, by default for ever)",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
+    max_loaded_models: int | None = Field(
+        None,
+        ge=1,
+        description="local models loaded at once, kept ones included: loading one more first unloads the least "
+        "recently used idle model that is not kept for ever; a model that cannot fit gets an error",
+        json_schema_extra=cli(metavar="N", default="no limit"),
+    )
+    load_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a request waits for its model to load before it gets 529 with retry-after (the "
+        "load goes on, and the SDKs retry)",
+        json_schema_extra=cli(metavar="SECONDS"),
+    )
     shutdown_timeout: float = Field(
         30.0,
         ge=0,
@@ -314,11 +355,29 @@ def load_models(settings: Settings) -> list[ServedModel]:
         _read_table(settings.config) if settings.config else [LlamaCppModel(name=DEFAULT_MODEL_NAME)]
     )
     first = models[0]
-    overrides: dict[str, object] = {}
-    if settings.ctx_size is not None:
-        overrides["context_size"] = settings.ctx_size
-    engine_flags = {
-        "path": settings.model_path,
+    given = engine_flags(settings)
+    overrides = {"context_size": given.pop("context_size")} if "context_size" in given else {}
+    if settings.model_path is not None:
+        overrides["path"] = settings.model_path
+    if isinstance(first, LlamaCppModel):
+        overrides.update(given)
+    elif "path" in overrides or (given and settings.models_dir is None):
+        # Without a folder of models, these flags would silently do nothing.
+        named = ", ".join(sorted({*given, *overrides} - {"context_size"}))
+        raise ConfigError(f"{named}: these flags apply to a llama.cpp model, the first model is not one")
+    else:
+        overrides = {k: v for k, v in overrides.items() if k == "context_size"}
+    models[0] = first.model_copy(update=overrides)
+    _check_unique_ids(models)
+    _check_files(models)
+    return models
+
+
+def engine_flags(settings: Settings) -> dict[str, object]:
+    """The engine flags given on the command line, as model table fields: they apply to
+    the default model and to every model of --models-dir."""
+    flags = {
+        "context_size": settings.ctx_size,
         "threads": settings.threads,
         "parallel": settings.parallel,
         "max_queue": settings.max_queue,
@@ -326,15 +385,7 @@ def load_models(settings: Settings) -> list[ServedModel]:
         "prefill_budget": settings.prefill_budget,
         "reuse_generated": settings.reuse_generated,
     }
-    given = {name: value for name, value in engine_flags.items() if value is not None}
-    if isinstance(first, LlamaCppModel):
-        overrides.update(given)
-    elif given:
-        raise ConfigError(f"{', '.join(given)}: these flags apply to a llama.cpp model, the first model is not one")
-    models[0] = first.model_copy(update=overrides)
-    _check_unique_ids(models)
-    _check_files(models)
-    return models
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def _read_table(path: Path) -> list[ServedModel]:

@@ -10,7 +10,7 @@
     ├── RateLimited           the caller's key is over a per-minute limit
     ├── DeadlineExceeded      a generation ran past --request-timeout
     ├── EngineNotReady        the model is still loading
-    ├── ModelUnavailable      the model failed to load and will not serve
+    ├── ModelUnavailable      the model failed to load, or cannot fit beside the models kept loaded
     └── EngineFailure         the engine broke; the detail is for the log only
 
 `tcserve.api.errors` maps each of them to a status and an Anthropic error body
@@ -79,8 +79,8 @@ class EngineNotReady(TCServeError):
 
 
 class ModelUnavailable(TCServeError):
-    def __init__(self, model_name: str) -> None:
-        super().__init__(f"model {model_name} failed to load; see the server log")
+    def __init__(self, model_name: str, message: str | None = None) -> None:
+        super().__init__(message or f"model {model_name} failed to load; see the server log")
 
 
 class EngineFailure(TCServeError):

@@ -1,5 +1,6 @@
 """What /metrics shows, in Prometheus' terms: queue depth, running sequences,
-tokens/s, time to first token, and the prompt and generated tokens of requests.
+tokens/s, time to first token, the prompt and generated tokens of requests, and
+which models are loaded (loads, unloads, load seconds).
 
 Engine gauges are read from each engine's `stats()` when scraped; tokens/s is
 the rate of the engines' own generated-token counters over the last
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tcserve.core.engines import Engines
 from tcserve.core.request import Usage
-from tcserve.engines.base import Engine
 
 RATE_WINDOW = 10.0
 SAMPLE_EVERY = 1.0
@@ -31,7 +32,7 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class Metrics:
-    def __init__(self, engines: dict[str, Engine]) -> None:
+    def __init__(self, engines: Engines) -> None:
         self.registry = CollectorRegistry()
         self.time_to_first_token = Histogram(
             "tcserve_time_to_first_token_seconds",
@@ -50,7 +51,7 @@ class Metrics:
             registry=self.registry,
         )
         self._engines = engines
-        self._samples: dict[str, deque[tuple[float, int]]] = {name: deque() for name in engines}
+        self._samples: defaultdict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self.registry.register(_EngineCollector(self))
 
     def observe_first_token(self, model: str, seconds: float) -> None:
@@ -62,15 +63,18 @@ class Metrics:
 
     def sample(self) -> None:
         now = time.monotonic()
-        for name, engine in self._engines.items():
+        loaded = self._engines.by_name
+        for name in set(self._samples) - set(loaded):
+            del self._samples[name]  # unloaded: a reloaded engine counts from 0 again
+        for name, engine in loaded.items():
             samples = self._samples[name]
             samples.append((now, engine.stats().generated_tokens))
             while samples and now - samples[0][0] > RATE_WINDOW:
                 samples.popleft()
 
     def tokens_per_second(self, name: str) -> float:
-        samples = self._samples[name]
-        if len(samples) < 2:
+        samples = self._samples.get(name)
+        if samples is None or len(samples) < 2:
             return 0.0
         (t0, n0), (t1, n1) = samples[0], samples[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
@@ -85,7 +89,7 @@ class _EngineCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         waiting = GaugeMetricFamily("tcserve_queue_depth", "Requests waiting for a slot.", labels=["model"])
         running = GaugeMetricFamily("tcserve_running_sequences", "Sequences being generated.", labels=["model"])
         rate = GaugeMetricFamily(
@@ -93,9 +97,28 @@ class _EngineCollector(Collector):
             f"Generated tokens/s over the last {RATE_WINDOW:.0f} s.",
             labels=["model"],
         )
-        for name, engine in self._metrics._engines.items():
+        engines = self._metrics._engines
+        for name, engine in engines.by_name.items():
             stats = engine.stats()
             waiting.add_metric([name], stats.waiting)
             running.add_metric([name], stats.running)
             rate.add_metric([name], self._metrics.tokens_per_second(name))
         yield from (waiting, running, rate)
+        yield from _load_metrics(engines)
+
+
+def _load_metrics(engines: Engines) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Loading on demand (core/engines.py): what is loaded, how often and how long loads took."""
+    loaded = GaugeMetricFamily("tcserve_model_loaded", "1 while the model is loaded and ready.", labels=["model"])
+    loads = CounterMetricFamily("tcserve_model_loads", "Loads that succeeded.", labels=["model"])
+    seconds = CounterMetricFamily("tcserve_model_load_seconds", "Seconds spent in loads that succeeded.",
+                                  labels=["model"])  # fmt: skip
+    unloads = CounterMetricFamily("tcserve_model_unloads", "Unloads, by reason (idle, evicted).",
+                                  labels=["model", "reason"])  # fmt: skip
+    for name, counts in engines.counts().items():
+        loaded.add_metric([name], 1.0 if engines.state(name) == "ready" else 0.0)
+        loads.add_metric([name], counts.loads)
+        seconds.add_metric([name], counts.load_seconds)
+        for reason in ("idle", "evicted"):
+            unloads.add_metric([name, reason], counts.unloads.get(reason, 0))
+    yield from (loaded, loads, seconds, unloads)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
@@ -37,18 +37,16 @@ from tcserve.api.errors import (
 from tcserve.api.middleware import PUBLIC_PATHS, Authenticate, LimitBody, RequestContext, request_id_of
 from tcserve.api.openapi import describe_the_real_wire
 from tcserve.api.state import ServerState, server_state
-from tcserve.config import ServedModel, Settings, load_models
+from tcserve.config import ConfigError, LlamaCppModel, ServedModel, Settings, UpstreamModel, engine_flags, load_models
 from tcserve.core.catalog import Catalog
-from tcserve.core.engines import Engines
+from tcserve.core.engines import EngineFactory, Engines
+from tcserve.core.folder import ModelFolder
 from tcserve.core.service import CompletionService, ServicePolicy
 from tcserve.core.validate import RequestCaps
-from tcserve.engines.base import Engine
 from tcserve.engines.factory import build_engine, model_file_date
 from tcserve.errors import TCServeError
 
 log = logging.getLogger("tcserve")
-
-EngineFactory = Callable[[ServedModel], Engine]
 
 
 def create_app(
@@ -59,19 +57,22 @@ def create_app(
     """`model_table` defaults to `load_models(settings)`; tests pass their own."""
     served = list(model_table) if model_table is not None else load_models(settings)
     created = {model.name: model_file_date(model) or datetime.now(UTC) for model in served}
-    catalog = Catalog.build(served, created, claude_ids=settings.claude_model_ids)
+    folder = models_folder(settings, served)
+    catalog = Catalog.build(served, created, claude_ids=settings.claude_model_ids, folder=folder)
     limiter = Limiter()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engines = Engines({model.name: engine_factory(model) for model in served})
+        engines = Engines(
+            served, engine_factory, max_loaded=settings.max_loaded_models, load_timeout=settings.load_timeout
+        )
         ledger = Ledger(settings.data_dir / LEDGER_FILE) if settings.data_dir else None
-        metrics = Metrics(engines.by_name)
+        metrics = Metrics(engines)
         service = CompletionService(catalog, engines, service_policy(settings), limiter, metrics, ledger)
         state = ServerState(settings, catalog, engines, metrics, service, limiter, ledger)
         app.state.tcserve = state
         _warn_if_open(settings)
-        background = [asyncio.create_task(engines.load(name)) for name in engines.by_name]
+        background = [task for model in served if (task := engines.preload(model.name)) is not None]
         background.append(asyncio.create_task(metrics.run_sampler()))
         try:
             yield
@@ -121,19 +122,34 @@ def create_app(
     return app
 
 
+def models_folder(settings: Settings, served: Sequence[ServedModel]) -> ModelFolder | None:
+    """--models-dir: its models take the engine flags (--ctx-size, --parallel, ...)."""
+    kept = [m.name for m in served if not isinstance(m, UpstreamModel) and m.keep_alive in (None, -1)]
+    if settings.max_loaded_models is not None and len(kept) > settings.max_loaded_models:
+        raise ConfigError(
+            f"--max-loaded-models {settings.max_loaded_models} is less than the models kept loaded: {', '.join(kept)}"
+        )
+    if settings.models_dir is None:
+        return None
+    template = LlamaCppModel(name="template").model_copy(update=engine_flags(settings))
+    taken = {model_id for model in served for model_id in (model.name, *model.aliases)}
+    return ModelFolder(settings.models_dir, template, settings.keep_alive, taken)
+
+
 def service_policy(settings: Settings) -> ServicePolicy:
     caps = RequestCaps(settings.max_prompt_chars, settings.max_stop_sequences, settings.max_stop_chars)
     return ServicePolicy(caps=caps, request_timeout=settings.request_timeout)
 
 
 async def health(request: Request) -> Response:
-    engines = server_state(request).engines
-    extra: dict[str, object] = {"models": engines.status()}
+    state = server_state(request)
+    engines = state.engines
+    extra: dict[str, object] = {"models": engines.status(state.catalog.models())}
     if warnings := engines.warnings():
         extra["warnings"] = warnings
-    if engines.ready:
+    if engines.ready:  # the configured models: one of --models-dir that fails leaves the server healthy
         return JSONResponse({"status": "ok", **extra})
-    problem = "A model failed to load" if engines.load_failures else "The model is still loading"
+    problem = "A model failed to load" if engines.failed else "The model is still loading"
     body = error_body(InternalServerError(problem), request_id_of(request.scope))
     return JSONResponse({**body, **extra}, status_code=503, headers={"retry-after": "1"})
 

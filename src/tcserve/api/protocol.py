@@ -80,6 +80,11 @@ class ModelInfo(BaseModel):
     id: str
     display_name: str
     created_at: str
+    # tcserve's own fields, which the official SDKs ignore (`tcserve models` shows them).
+    loaded: bool = Field(description="The model behind this id is loaded now (tcserve).")
+    format: str = Field(description="gguf, upstream or fake (tcserve).")
+    file: str | None = Field(description="The GGUF file's name, without its folder (tcserve).")
+    size_bytes: int | None = Field(description="The GGUF file's size (tcserve).")
 
 
 class ModelList(BaseModel):

@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--model", help="only this model id, as the requests named it")
     usage.set_defaults(run=_usage)
 
-    models = commands.add_parser("models", help="list the models of a running server")
+    models = commands.add_parser(
+        "models", help="list the models of a running server: id, loaded or not, format, size, file"
+    )
     _client_flags(models)
     models.set_defaults(run=_models)
 
@@ -94,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
 _SERVE_HELP = """Start the server. Flags override TCSERVE_* variables, which override defaults.
 Without --config the server has one model, the packaged Gemma 3 270M (or --model-path),
-which also answers every Claude model id of the SDKs' model list."""
+which also answers every Claude model id of the SDKs' model list. --models-dir DIR
+also serves every *.gguf of DIR, loaded on its first request (which waits up to
+--load-timeout, then gets 529), unloaded after --keep-alive seconds idle, within
+--max-loaded-models (README, "A folder of models")."""
 
 _KEYS_HELP = """Manage the keys file that `tcserve serve --keys-file` reads. Keys are stored as
 SHA-256 hashes; `add` prints the new key once. A running server applies changes
@@ -203,8 +208,12 @@ def _client(args: argparse.Namespace) -> httpx.Client:
 def _models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         body = _json_or_raise(_request(client, "GET", "/v1/models", params={"limit": 1000}))
+    print(f"{'id':<32} {'loaded':<7} {'format':<9} {'size':>10}  file")
     for model in body["data"]:
-        print(f"{model['id']:<32} {model['created_at'][:10]}  {model['display_name']}")
+        loaded = {True: "yes", False: "no"}.get(model.get("loaded"), "?")  # a server older than this client: "?"
+        size = model.get("size_bytes")
+        shown = f"{size / 2**20:.1f} MiB" if isinstance(size, int) else "-"
+        print(f"{model['id']:<32} {loaded:<7} {model.get('format', '?'):<9} {shown:>10}  {model.get('file') or '-'}")
     return 0
 
 

@@ -8,11 +8,13 @@ id nobody claims is a `ModelNotFound`: there is no silent fallback.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from tcserve.config import ServedModel
+from tcserve.core.folder import ModelFolder
 from tcserve.errors import ModelNotFound
 
 # id -> (display name, created_at date). The date is the one in the id or in its
@@ -53,30 +55,58 @@ class ModelEntry:
 
 
 class Catalog:
-    def __init__(self, entries: Sequence[ModelEntry]) -> None:
-        self._by_id = {entry.id: entry for entry in entries}
+    def __init__(self, entries: Sequence[ModelEntry], folder: ModelFolder | None = None) -> None:
+        self._by_id: dict[str, ModelEntry] = {}
+        self.entries: list[ModelEntry] = []
+        self._add(entries)
+        self._folder = folder
+        self._scanned = time.monotonic()
+
+    def _add(self, entries: Sequence[ModelEntry]) -> None:
+        self._by_id.update({entry.id: entry for entry in entries})
         # Newest first, ties by id (docs/wire.md, "Models").
-        self.entries = sorted(entries, key=lambda e: e.id)
+        self.entries = sorted(self._by_id.values(), key=lambda e: e.id)
         self.entries.sort(key=lambda e: e.created_at, reverse=True)
 
+    def rescan(self, *, unless_within: float = 0.0) -> None:
+        """Learn the files added to --models-dir since the last scan (a directory
+        listing: cheap, but /v1/models skips it when the last one is recent)."""
+        if self._folder is None or time.monotonic() - self._scanned < unless_within:
+            return
+        self._scanned = time.monotonic()
+        self._add([entry for model in self._folder.scan() for entry in _entry(model, datetime.now(UTC))])
+
+    def models(self) -> list[ServedModel]:
+        """Every model that serves an id, once each, in the table's order then the folder's."""
+        return list({id(entry.served_by): entry.served_by for entry in self._by_id.values()}.values())
+
     @classmethod
-    def build(cls, models: Sequence[ServedModel], created: dict[str, datetime], *, claude_ids: bool = True) -> Catalog:
-        """`created` gives each configured model's fallback date (its file's date)."""
+    def build(
+        cls,
+        models: Sequence[ServedModel],
+        created: dict[str, datetime],
+        *,
+        claude_ids: bool = True,
+        folder: ModelFolder | None = None,
+    ) -> Catalog:
+        """`created` gives each configured model's fallback date (its file's date).
+        The folder's models at start-up come after the table's (`folder.first_scan`)."""
+        folder_models = folder.first_scan() if folder is not None else []
         entries: list[ModelEntry] = []
-        for model in models:
-            when = model.created_at or created.get(model.name) or datetime.now(UTC)
-            when = when if when.tzinfo else when.replace(tzinfo=UTC)
-            shown = model.display_name or model.name
-            entries += [ModelEntry(i, shown, when, model) for i in (model.name, *model.aliases)]
+        for model in [*models, *folder_models]:
+            entries += _entry(model, created.get(model.name) or datetime.now(UTC))
         if claude_ids:
             claimed = {entry.id for entry in entries}
             for model_id, (shown, day) in CLAUDE_MODELS.items():
                 if model_id not in claimed:
                     when = datetime.fromisoformat(day).replace(tzinfo=UTC)
                     entries.append(ModelEntry(model_id, shown, when, models[0]))
-        return cls(entries)
+        return cls(entries, folder)
 
     def resolve(self, model_id: str) -> ModelEntry:
+        """The id's entry; an unknown id first looks for a file just added to the folder."""
+        if model_id not in self._by_id:
+            self.rescan()
         try:
             return self._by_id[model_id]
         except KeyError:
@@ -88,3 +118,10 @@ class Catalog:
     def index_of(self, model_id: str) -> int | None:
         entry = self._by_id.get(model_id)
         return None if entry is None else self.entries.index(entry)
+
+
+def _entry(model: ServedModel, fallback: datetime) -> list[ModelEntry]:
+    when = model.created_at or fallback
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    shown = model.display_name or model.name
+    return [ModelEntry(i, shown, when, model) for i in (model.name, *model.aliases)]

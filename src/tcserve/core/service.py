@@ -1,6 +1,7 @@
 """The serving core: one completion request from a caller to its events.
 
-    resolve the model -> permission -> validate -> tokenize once -> admit
+    resolve the model -> permission -> validate -> lease the engine (loading
+    it on demand) -> tokenize once -> admit
     (the key's limits, the engine's queue) -> generate -> stop matching ->
     accounting (time to first token, the key's charges, the ledger, /metrics)
 
@@ -23,7 +24,7 @@ from tcserve.accounting.limits import Limiter
 from tcserve.accounting.metrics import Metrics
 from tcserve.clock import now_iso
 from tcserve.core.catalog import Catalog
-from tcserve.core.engines import Engines
+from tcserve.core.engines import Engines, Lease
 from tcserve.core.request import (
     Chunk,
     CompletionCall,
@@ -80,16 +81,21 @@ class CompletionService:
         if key is not None and not key.allows(call.model):
             raise PermissionDenied(f"API key {key.name!r} may not use model {call.model!r}")
         request = to_generation_request(call, check_transcript=model.check_transcript)
-        engine = self._engines.ready_engine(model.name)
-        tokens = await engine.tokenize(request.prompt)
-        check_context(tokens, request.max_tokens, engine.context_size)
-        if key is not None:
-            self._limiter.admit(key, tokens.count or 0)
-        accounting = _Accounting(self, call, model.name, key, tokens.count, arrived)
-        events = await engine.generate(replace(request, tokens=tokens))
+        lease = await self._engines.acquire(model)  # waits for a load, bounded (core/engines.py)
+        try:
+            engine = lease.engine
+            tokens = await engine.tokenize(request.prompt)
+            check_context(tokens, request.max_tokens, engine.context_size)
+            if key is not None:
+                self._limiter.admit(key, tokens.count or 0)
+            accounting = _Accounting(self, call, model.name, key, tokens.count, arrived)
+            events = await engine.generate(replace(request, tokens=tokens))
+        except BaseException:
+            lease.release()
+            raise
         deadline = arrived + self._policy.request_timeout
         return _completion_events(events, StopMatcher(request.stop_sequences), accounting, deadline,
-                                  self._policy.request_timeout)  # fmt: skip
+                                  self._policy.request_timeout, lease)  # fmt: skip
 
 
 async def _completion_events(
@@ -98,6 +104,7 @@ async def _completion_events(
     accounting: _Accounting,
     deadline: float,
     limit: float,
+    lease: Lease,
 ) -> AsyncGenerator[CompletionEvent, None]:
     """Engine events -> completion events, with the stop matcher between them (so every
     engine gets the same stop semantics), the deadline (checked per event) and the
@@ -133,9 +140,12 @@ async def _completion_events(
     finally:
         if not ended:
             accounting.ended_early("cancelled", output_tokens)
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            lease.release()  # the model may be unloaded once idle
 
 
 def _done(event: Finished, held: str, accounting: _Accounting, counted: int) -> Done:

