@@ -181,7 +181,7 @@ async def test_a_new_request_is_never_sent_to_a_replica_that_went_silent() -> No
         cut = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), reached)
         assert cut == [TextDelta(" Hi")]  # the stuck stream went to A (the first of two idle replicas) and ended
         assert engine.replicas()[STUCK] == (False, 0)
-        assert (await unless_reached(engine.tokenize("Hello"), reached)).count == 1
+        assert (await unless_reached(engine.tokenize(GenerationRequest("req_t", "Hello", 1)), reached)).count == 1
         events = await unless_reached(collect(engine, GenerationRequest("req_2", "Hello", 8)), reached)
         assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
     finally:
@@ -243,7 +243,7 @@ async def test_a_replica_that_goes_silent_once_picked_does_not_hold_the_request(
     never = asyncio.Event()  # nothing is off limits here: the guard alone fails a hang
     try:
         await wait_up(engine, 2)
-        assert (await unless_reached(engine.tokenize("Hello"), never)).count == 1
+        assert (await unless_reached(engine.tokenize(GenerationRequest("req_t", "Hello", 1)), never)).count == 1
         events = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), never)
         assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
         assert silent.is_set() and engine.replicas()[STUCK] == (False, 0)  # A was picked first, and went silent

@@ -122,7 +122,7 @@ def service_policy(settings: Settings) -> ServicePolicy:
 
 async def health(request: Request) -> Response:
     engines = server_state(request).engines
-    extra: dict[str, object] = {"models": engines.status()}
+    extra: dict[str, object] = {"models": engines.status(), "formats": engines.formats()}
     if warnings := engines.warnings():
         extra["warnings"] = warnings
     if engines.ready:

@@ -36,7 +36,7 @@ class Engines:
             self.load_failures[name] = str(error)
             log.error("model %s failed to load: %s (requests for it get 500; /health says 503)", name, error)
             return
-        log.info("model %s is ready", name)
+        log.info("model %s is ready (prompt format: %s)", name, self.by_name[name].prompt_format)
         for warning in self.by_name[name].warnings():
             log.warning("model %s: %s", name, warning)
 
@@ -53,6 +53,10 @@ class Engines:
     def warnings(self) -> dict[str, list[str]]:
         """What each ready model cannot do that a user would otherwise assume (for /health)."""
         return {name: found for name, engine in self.by_name.items() if (found := engine.warnings())}
+
+    def formats(self) -> dict[str, str]:
+        """How each ready model is fed a transcript ("raw" or "chat"), for /health."""
+        return {name: engine.prompt_format for name, engine in self.by_name.items() if engine.ready}
 
     def busy(self) -> bool:
         return any(stats.running or stats.waiting for stats in (e.stats() for e in self.by_name.values()))

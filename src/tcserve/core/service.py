@@ -81,7 +81,7 @@ class CompletionService:
             raise PermissionDenied(f"API key {key.name!r} may not use model {call.model!r}")
         request = to_generation_request(call, check_transcript=model.check_transcript)
         engine = self._engines.ready_engine(model.name)
-        tokens = await engine.tokenize(request.prompt)
+        tokens = await engine.tokenize(request)  # what the engine will feed: a chat model's rendered prompt
         check_context(tokens, request.max_tokens, engine.context_size)
         if key is not None:
             self._limiter.admit(key, tokens.count or 0)
