@@ -42,8 +42,9 @@ def base_url(gguf: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def client(base_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=base_url, api_key="any", max_retries=0)
+def client(base_url: str) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=base_url, api_key="any", max_retries=0) as sdk:
+        yield sdk
 
 
 def token_counts(gguf: Path) -> tuple[int, int]:
@@ -91,8 +92,10 @@ def test_a_raw_prompt_format_feeds_the_transcript(gguf: Path) -> None:
     model = LlamaCppModel(name="tiny", path=gguf, context_size=CONTEXT, parallel=1, threads=1, prompt_format="raw")
     with serve_app(create_app(settings(), [model])) as url:
         assert httpx.get(f"{url}/health").json()["formats"] == {"tiny": "raw"}
-        client = anthropic.Anthropic(base_url=url, api_key="any", max_retries=0)
-        with pytest.raises(anthropic.BadRequestError, match=f"prompt is too long: {raw_count} tokens"):
+        with (
+            anthropic.Anthropic(base_url=url, api_key="any", max_retries=0) as client,
+            pytest.raises(anthropic.BadRequestError, match=f"prompt is too long: {raw_count} tokens"),
+        ):
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens_to_sample=CONTEXT, temperature=0)
 
 

@@ -228,6 +228,8 @@ class UpstreamEngine:
             headers["authorization"] = f"Bearer {self._config.api_key}"
         timeout = httpx.Timeout(self._config.read_timeout, connect=self._config.connect_timeout)
         client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport)
+        if self._context_size is not None:  # known: still find out which replicas are up before serving
+            await self._check_replicas(client)
         while self._context_size is None:  # /health says "loading" until a replica tells us
             await self._check_replicas(client)
             self._context_size = await self._discover_context(client)
