@@ -83,7 +83,7 @@ def test_models_lists_ids(fake_server: tuple[str, FakeEngine], capsys: pytest.Ca
     url, _ = fake_server
     assert main(["models", "--base-url", url, "--api-key", KEY]) == 0
     out = capsys.readouterr().out
-    assert "claude-opus-4-6" in out and "fake" in out and len(out.splitlines()) == 22
+    assert "claude-opus-4-6" in out and "claude-2.1" in out and "fake" in out and len(out.splitlines()) == 28
 
 
 def test_serve_process_logs_request_ids_and_never_keys(tmp_path: Path) -> None:
