@@ -31,7 +31,11 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(kind) for kind in types]
 
 
-def write_tiny_chat_gguf(path: Path, *, seed: int = 0, chat_template: str | None = CHATML) -> Path:
+def write_tiny_chat_gguf(
+    path: Path, *, seed: int = 0, chat_template: str | None = CHATML, ends_at_once: bool = False
+) -> Path:
+    """`ends_at_once`: every token embeds the same vector, and only `<|im_end|>`'s
+    output row matches it, so greedy decoding's first token is the end of turn."""
     tokens, scores, types = vocabulary()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tcserve-tiny-chat")
@@ -59,6 +63,10 @@ def write_tiny_chat_gguf(path: Path, *, seed: int = 0, chat_template: str | None
         rng = np.random.default_rng([seed, len(name)])
         norm = name.endswith("norm.weight")
         data = np.ones(shape, np.float32) if norm else rng.normal(0, 0.02, shape).astype(np.float32)
+        if ends_at_once and name == "token_embd.weight":
+            data = np.ones(shape, np.float32)
+        if ends_at_once and name == "output.weight":
+            data[IM_END] = 1.0
         writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -10,7 +10,7 @@ import pytest
 
 from support import VERSION, fake_model, serve_app, settings
 from tcserve.api.app import create_app
-from tcserve.core.catalog import CLAUDE_MODELS
+from tcserve.core.catalog import CLAUDE_MODELS, LEGACY_MODELS
 
 CLAUDE_IDS = [
     "claude-opus-4-6",
@@ -56,6 +56,33 @@ def test_every_claude_id_is_listed_and_served(client: httpx.Client) -> None:
         prompt = "\n\nHuman: hi\n\nAssistant:"
         response = client.post("/v1/complete", json={"model": model_id, "prompt": prompt, "max_tokens_to_sample": 1})
         assert response.status_code == 200 and response.json()["model"] == model_id
+
+
+def test_the_text_completions_era_ids_are_listed_and_served(client: httpx.Client) -> None:
+    legacy = ["claude-2", "claude-2.0", "claude-2.1", "claude-instant-1", "claude-instant-1.1", "claude-instant-1.2"]
+    assert set(LEGACY_MODELS) == set(legacy)
+    listed = {m["id"]: m for m in client.get("/v1/models", params={"limit": 1000}).json()["data"]}
+    assert listed["claude-2.1"] == {
+        "type": "model", "id": "claude-2.1", "display_name": "Claude 2.1", "created_at": "2023-11-21T00:00:00Z",
+        "loaded": True, "format": "fake", "file": None, "size_bytes": None,  # served by the default (fake) model
+    }  # fmt: skip
+    assert listed["claude-instant-1.2"]["display_name"] == "Claude Instant 1.2"
+    assert len(listed) == 21 + 6 + 2  # the Claude ids, the legacy ids, the fake model and its alias
+    for model_id in legacy:
+        prompt = "\n\nHuman: hi\n\nAssistant:"
+        response = client.post("/v1/complete", json={"model": model_id, "prompt": prompt, "max_tokens_to_sample": 1})
+        assert response.status_code == 200 and response.json()["model"] == model_id
+
+
+def test_a_legacy_id_can_be_claimed_as_an_alias() -> None:
+    claimed = fake_model(name="other", reply=" mine", aliases=["claude-2.1"])
+    app = create_app(settings(), [fake_model(), claimed])
+    with serve_app(app) as url, httpx.Client(base_url=url, headers=VERSION) as client:
+        prompt = "\n\nHuman: hi\n\nAssistant:"
+        body = {"model": "claude-2.1", "prompt": prompt, "max_tokens_to_sample": 5}
+        assert client.post("/v1/complete", json=body).json()["completion"] == " mine"
+        listed = client.get("/v1/models/claude-2.1").json()
+        assert listed["display_name"] == "other"  # the alias's model, not the built-in entry
 
 
 def test_newest_first_ties_by_id(client: httpx.Client) -> None:

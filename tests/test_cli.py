@@ -83,7 +83,7 @@ def test_models_lists_ids(fake_server: tuple[str, FakeEngine], capsys: pytest.Ca
     url, _ = fake_server
     assert main(["models", "--base-url", url, "--api-key", KEY]) == 0
     out = capsys.readouterr().out
-    assert "claude-opus-4-6" in out and len(out.splitlines()) == 23
+    assert "claude-opus-4-6" in out and "claude-2.1" in out and len(out.splitlines()) == 29
     assert out.splitlines()[0].split() == ["id", "loaded", "format", "size", "file"]
     assert [line.split() for line in out.splitlines() if line.startswith("fake ")] == [
         ["fake", "yes", "fake", "-", "-"]

@@ -260,3 +260,15 @@ def test_a_hundred_abandoned_streams_leave_no_slot_busy(one_slot: tuple[str, Any
     _idle(engine)
     assert engine.stats().running == 0 and engine.stats().waiting == 0
     assert greedy(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)).completion  # still serving
+
+
+@pytest.mark.parametrize("model", ["claude-2.1", "claude-instant-1.2"])
+def test_text_completions_era_ids_are_served_by_the_default_model(client: anthropic.Anthropic, model: str) -> None:
+    completion = greedy(client, model=model, max_tokens_to_sample=8)
+    assert completion.model == model
+    assert completion.completion and completion.stop_reason in ("stop_sequence", "max_tokens")
+    with client.completions.create(model=model, prompt=PROMPT, max_tokens_to_sample=8, temperature=0,
+                                   stream=True) as stream:  # fmt: skip
+        events = list(stream)
+    assert {event.model for event in events} == {model}
+    assert "".join(event.completion for event in events) == completion.completion  # greedy: the same text

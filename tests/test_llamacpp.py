@@ -72,8 +72,8 @@ async def settled(engine: LlamaCppEngine) -> None:
 
 
 async def test_counts_tokens_with_bos(engine: LlamaCppEngine) -> None:
-    assert (await engine.tokenize("")).count == 1
-    tokens = await engine.tokenize("\n\nHuman: Hello\n\nAssistant:")
+    assert (await engine.tokenize(request(""))).count == 1
+    tokens = await engine.tokenize(request("\n\nHuman: Hello\n\nAssistant:"))
     assert tokens.count is not None and tokens.count > 4
     assert tokens.ids is not None and len(tokens.ids) == tokens.count  # handed to generate: no second tokenize
 
@@ -105,7 +105,7 @@ async def test_sampling_runs_and_respects_top_k_1(engine: LlamaCppEngine) -> Non
 
 async def test_greedy_is_deterministic_with_prefix_reuse(engine: LlamaCppEngine) -> None:
     prompt = f"{SYSTEM}\n\nHuman: What is the capital of Italy?\n\nAssistant:"
-    assert (await engine.tokenize(prompt)).count > 2 * PREFILL_CHUNK
+    assert (await engine.tokenize(request(prompt))).count > 2 * PREFILL_CHUNK
     reused_before = engine.scheduler_stats.reused_tokens  # type: ignore[attr-defined]
     texts = [text_of(await run(engine, request(prompt, 24))) for _ in range(3)]
     assert engine.scheduler_stats.reused_tokens - reused_before >= 2 * 2 * PREFILL_CHUNK  # type: ignore[attr-defined]
@@ -127,7 +127,7 @@ async def test_a_conversation_reuses_its_earlier_turns(engine: LlamaCppEngine) -
     turn_2 = f"{prompt}{answer}\n\nHuman: And Rome?\n\nAssistant:"
     assert text_of(await run(engine, request(turn_2, 8)))
     reused = engine.scheduler_stats.reused_tokens - before  # type: ignore[attr-defined]
-    assert reused >= ((await engine.tokenize(prompt)).count) // PREFILL_CHUNK * PREFILL_CHUNK - PREFILL_CHUNK
+    assert reused >= ((await engine.tokenize(request(prompt))).count) // PREFILL_CHUNK * PREFILL_CHUNK - PREFILL_CHUNK
 
 
 async def test_reuse_generated_reuses_the_earlier_answer_too() -> None:
@@ -145,7 +145,7 @@ async def test_reuse_generated_reuses_the_earlier_answer_too() -> None:
         # Everything but the follow-up came from the cache, less the answer's last sampled token (never
         # decoded) and a token merged across the seam; with whole chunks only, a prompt this short (less
         # than one chunk) would reuse nothing.
-        assert reused >= (await engine.tokenize(f"{prompt}{answer}")).count - 2
+        assert reused >= (await engine.tokenize(request(f"{prompt}{answer}"))).count - 2
     finally:
         await engine.aclose()
 
@@ -174,7 +174,7 @@ async def test_a_long_prompt_does_not_stall_running_streams(engine: LlamaCppEngi
     while "running" not in order:
         await asyncio.sleep(0.01)
     long_prompt = f"{SYSTEM}{SYSTEM}\n\nHuman: Summarise.\n\nAssistant:"
-    chunks = -(-((await engine.tokenize(long_prompt)).count) // PREFILL_CHUNK)
+    chunks = -(-((await engine.tokenize(request(long_prompt))).count) // PREFILL_CHUNK)
     assert chunks >= 4
     await consume("newcomer", request(long_prompt, 1), first_only=True)
     runner.cancel()
@@ -291,7 +291,7 @@ async def test_a_sequence_past_its_context_fails_alone() -> None:
 async def test_not_ready_before_start() -> None:
     engine = llamacpp_engine(context_size=256, threads=1)
     with pytest.raises(EngineNotReady):
-        await engine.tokenize("x")
+        await engine.tokenize(request("x"))
     with pytest.raises(EngineNotReady):
         await engine.generate(request("x"))
     await engine.aclose()

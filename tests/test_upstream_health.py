@@ -181,7 +181,7 @@ async def test_a_new_request_is_never_sent_to_a_replica_that_went_silent() -> No
         cut = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), reached)
         assert cut == [TextDelta(" Hi")]  # the stuck stream went to A (the first of two idle replicas) and ended
         assert engine.replicas()[STUCK] == (False, 0)
-        assert (await unless_reached(engine.tokenize("Hello"), reached)).count == 1
+        assert (await unless_reached(engine.tokenize(GenerationRequest("req_t", "Hello", 1)), reached)).count == 1
         events = await unless_reached(collect(engine, GenerationRequest("req_2", "Hello", 8)), reached)
         assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
     finally:
@@ -219,10 +219,11 @@ async def test_a_replica_that_goes_silent_once_picked_does_not_hold_the_request(
     count nor the stream's headers, nor its health checks): once it is clearly down,
     the waiting call is ended and the other replica serves the request."""
     silent = asyncio.Event()  # set: A answers nothing any more
+    armed = asyncio.Event()  # set after start(), whose own checks and token count A still answers
 
     async def serve(request: httpx.Request) -> httpx.Response:
         path = request.url.path
-        if str(request.url).startswith(STUCK) and (silent.is_set() or path == first):
+        if str(request.url).startswith(STUCK) and armed.is_set() and (silent.is_set() or path == first):
             silent.set()
             if path == "/health":
                 raise httpx.ReadTimeout("no answer", request=request)
@@ -240,10 +241,11 @@ async def test_a_replica_that_goes_silent_once_picked_does_not_hold_the_request(
     })  # fmt: skip
     engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(serve))
     await engine.start()
+    armed.set()
     never = asyncio.Event()  # nothing is off limits here: the guard alone fails a hang
     try:
         await wait_up(engine, 2)
-        assert (await unless_reached(engine.tokenize("Hello"), never)).count == 1
+        assert (await unless_reached(engine.tokenize(GenerationRequest("req_t", "Hello", 1)), never)).count == 1
         events = await unless_reached(collect(engine, GenerationRequest("req_1", "Hello", 8)), never)
         assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
         assert silent.is_set() and engine.replicas()[STUCK] == (False, 0)  # A was picked first, and went silent

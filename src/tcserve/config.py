@@ -83,6 +83,28 @@ class LlamaCppModel(_ModelBase):
     reuse_generated: bool = Field(
         False, description="Reuse cached generated tokens too: faster follow-up turns, greedy text may vary."
     )
+    prompt_format: Literal["auto", "raw", "chat"] = Field(
+        "auto",
+        description="How a transcript is fed: chat renders it with the model's chat template, raw feeds the"
+        " Human/Assistant text; auto is chat when the GGUF has tokenizer.chat_template (or chat_template is set).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template overriding the GGUF's: the template itself (text with `{{` or `{%`)"
+        " or a file (relative to the config file).",
+    )
+
+    @model_validator(mode="after")
+    def _chat_needs_a_transcript(self) -> LlamaCppModel:
+        if self.prompt_format == "chat" and not self.check_transcript:
+            raise ValueError(
+                "prompt_format = 'chat' needs check_transcript = true: a raw prompt has no turns to render"
+            )
+        return self
+
+    @property
+    def chat_template_is_inline(self) -> bool:
+        return self.chat_template is not None and ("{{" in self.chat_template or "{%" in self.chat_template)
 
 
 class FakeModel(_ModelBase):
@@ -102,8 +124,22 @@ class UpstreamModel(_ModelBase):
 
     engine: Literal["upstream"]
     urls: tuple[AnyHttpUrl, ...] = Field(min_length=1, description="Replicas, e.g. http://gpu-1:8000.")
-    upstream_model: str | None = Field(None, description="The model name the upstream serves; default: name.")
-    api_key: SecretStr | None = Field(None, description="Sent as `Authorization: Bearer` to the upstream.")
+    api: Literal["completions", "chat", "messages"] = Field(
+        "completions",
+        description="The upstream's API: OpenAI /v1/completions (the transcript as text), OpenAI"
+        " /v1/chat/completions or Anthropic's /v1/messages (the transcript as turns).",
+    )
+    upstream_model: str | None = Field(
+        None,
+        description="The model name the upstream serves; default: name. `{model}` in it is replaced by the id the"
+        " caller asked for, so one entry can serve many ids (needs context_size).",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="The upstream's key (`Authorization: Bearer`; `x-api-key` for api = messages)."
+    )
+    api_key_env: str | None = Field(
+        None, min_length=1, description="The environment variable that holds the upstream's key (better than api_key)."
+    )
     context_size: int | None = Field(  # type: ignore[assignment]
         None, ge=16, description="Default: the upstream's max_model_len from its /v1/models."
     )
@@ -117,6 +153,16 @@ class UpstreamModel(_ModelBase):
         " stop text without naming the stop (llama-cpp-python's server), so that tcserve sees and reports it.",
     )
     max_in_flight: int = Field(256, ge=1, description="Requests in flight over all replicas; more get 529.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UpstreamModel:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("set api_key or api_key_env, not both")
+        if self.api != "completions" and not self.check_transcript:
+            raise ValueError(f"api = {self.api!r} sends the transcript as turns: it needs check_transcript = true")
+        if "{model}" in (self.upstream_model or "") and self.context_size is None:
+            raise ValueError("an upstream_model with {model} serves many models: set context_size")
+        return self
 
 
 ServedModel = LlamaCppModel | FakeModel | UpstreamModel
@@ -403,9 +449,14 @@ def _read_table(path: Path) -> list[ServedModel]:
 
 
 def _resolve_relative(model: ServedModel, base: Path) -> ServedModel:
-    if isinstance(model, LlamaCppModel) and model.path is not None and not model.path.is_absolute():
-        return model.model_copy(update={"path": base / model.path})
-    return model
+    if not isinstance(model, LlamaCppModel):
+        return model
+    update: dict[str, object] = {}
+    if model.path is not None and not model.path.is_absolute():
+        update["path"] = base / model.path
+    if model.chat_template is not None and not model.chat_template_is_inline:
+        update["chat_template"] = str(base / model.chat_template)  # an absolute one stays as it is
+    return model.model_copy(update=update)
 
 
 def _check_unique_ids(models: list[ServedModel]) -> None:
@@ -421,6 +472,15 @@ def _check_files(models: list[ServedModel]) -> None:
     for model in models:
         if isinstance(model, LlamaCppModel) and model.path is not None and not model.path.is_file():
             raise ConfigError(f"model {model.name!r}: no such GGUF file: {model.path}")
+        if isinstance(model, LlamaCppModel) and _missing_template_file(model):
+            raise ConfigError(f"model {model.name!r}: no such chat template file: {model.chat_template}")
+        if isinstance(model, UpstreamModel) and model.api_key_env and not os.environ.get(model.api_key_env):
+            raise ConfigError(f"model {model.name!r}: the environment variable {model.api_key_env} is not set")
+
+
+def _missing_template_file(model: LlamaCppModel) -> bool:
+    template = model.chat_template
+    return template is not None and not model.chat_template_is_inline and not Path(template).is_file()
 
 
 def default_threads() -> int:

@@ -50,9 +50,10 @@ class PermissionDenied(TCServeError):
 
 
 class ModelNotFound(TCServeError):
-    def __init__(self, model_id: str) -> None:
+    def __init__(self, model_id: str, message: str | None = None) -> None:
+        """`message`: an upstream's own words for it (Anthropic's 404 for a retired id)."""
         self.model_id = model_id
-        super().__init__(f"model: {model_id}")
+        super().__init__(message or f"model: {model_id}")
 
 
 class Overloaded(TCServeError):

@@ -144,7 +144,7 @@ def service_policy(settings: Settings) -> ServicePolicy:
 async def health(request: Request) -> Response:
     state = server_state(request)
     engines = state.engines
-    extra: dict[str, object] = {"models": engines.status(state.catalog.models())}
+    extra: dict[str, object] = {"models": engines.status(state.catalog.models()), "formats": engines.formats()}
     if warnings := engines.warnings():
         extra["warnings"] = warnings
     if engines.ready:  # the configured models: one of --models-dir that fails leaves the server healthy

@@ -1,6 +1,7 @@
 """Which model ids the server answers to, and which configured model serves each.
 
-Every Claude id of the SDKs' model list (the Go SDK's `Model` constants) is
+Every Claude id of the SDKs' model list (the Go SDK's `Model` constants), and
+the Text Completions era's ids (`claude-2.1`, `claude-instant-1.2`, ...), are
 accepted out of the box and served by the default (first) model, unless the
 model table claims that id itself. An
 id nobody claims is a `ModelNotFound`: there is no silent fallback.
@@ -41,6 +42,18 @@ CLAUDE_MODELS: dict[str, tuple[str, str]] = {
     "claude-3-opus-latest": ("Claude Opus 3", "2024-02-29"),
     "claude-3-opus-20240229": ("Claude Opus 3", "2024-02-29"),
     "claude-3-haiku-20240307": ("Claude Haiku 3", "2024-03-07"),
+}
+
+# The ids of the Text Completions era, which legacy code still sends (LiteLLM's
+# `anthropic_text` provider, for one, knows only claude-2 and claude-instant-1):
+# id -> (display name, the release date of that version).
+LEGACY_MODELS: dict[str, tuple[str, str]] = {
+    "claude-2.1": ("Claude 2.1", "2023-11-21"),
+    "claude-2.0": ("Claude 2.0", "2023-07-11"),
+    "claude-2": ("Claude 2", "2023-07-11"),
+    "claude-instant-1.2": ("Claude Instant 1.2", "2023-08-09"),
+    "claude-instant-1.1": ("Claude Instant 1.1", "2023-03-14"),
+    "claude-instant-1": ("Claude Instant 1", "2023-03-14"),
 }
 
 
@@ -97,7 +110,7 @@ class Catalog:
             entries += _entry(model, created.get(model.name) or datetime.now(UTC))
         if claude_ids:
             claimed = {entry.id for entry in entries}
-            for model_id, (shown, day) in CLAUDE_MODELS.items():
+            for model_id, (shown, day) in {**CLAUDE_MODELS, **LEGACY_MODELS}.items():
                 if model_id not in claimed:
                     when = datetime.fromisoformat(day).replace(tzinfo=UTC)
                     entries.append(ModelEntry(model_id, shown, when, models[0]))

@@ -167,6 +167,10 @@ class Engines:
         """What each ready model cannot do that a user would otherwise assume (for /health)."""
         return {name: found for name, engine in self.by_name.items() if (found := engine.warnings())}
 
+    def formats(self) -> dict[str, str]:
+        """How each ready model is fed a transcript ("raw" or "chat"), for /health."""
+        return {name: engine.prompt_format for name, engine in self.by_name.items() if engine.ready}
+
     def busy(self) -> bool:
         return any(stats.running or stats.waiting for stats in (e.stats() for e in self.by_name.values()))
 
@@ -283,7 +287,7 @@ class Engines:
         slot.counts.loads += 1
         slot.counts.load_seconds += seconds
         slot.last_used = time.monotonic()
-        log.info("model %s is loaded (%.2f s)", name, seconds)
+        log.info("model %s is loaded (%.2f s; prompt format: %s)", name, seconds, engine.prompt_format)
         for warning in engine.warnings():
             log.warning("model %s: %s", name, warning)
         if slot.leases == 0 and slot.waiters == 0 and slot.keep_alive >= 0 and not slot.configured:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tcserve.core.transcript import HUMAN_TURN
+from tcserve.core.transcript import HUMAN_TURN, Conversation
 
 HUMAN_STOP = HUMAN_TURN
 """The stop that every Text Completions request has, before the user's own."""
@@ -79,9 +79,13 @@ class PromptTokens:
 class GenerationRequest:
     """A validated completion request, ready for an engine.
 
-    `prompt` is the exact text to feed the model, `tokens` what the engine's
-    `tokenize` said of it. `stop_sequences` are enforced by the service's stop matcher
-    (engines may also use them as a hint).
+    `prompt` is the checked transcript (or, for a raw model, the text as sent);
+    `conversation` is the same transcript parsed into turns (None for a raw model),
+    which a chat model renders with its own format instead of feeding `prompt`.
+    `tokens` is what the engine's `tokenize` said of the prompt as it will feed it.
+    `stop_sequences` are enforced by the service's stop matcher (engines may also use
+    them as a hint). `model_id` is the id the caller asked for (an upstream may
+    forward it as its own model name).
     """
 
     request_id: str
@@ -91,6 +95,8 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = (HUMAN_STOP,)
     tokens: PromptTokens = PromptTokens(None)
     user_id: str | None = None
+    conversation: Conversation | None = None
+    model_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

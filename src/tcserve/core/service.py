@@ -84,7 +84,7 @@ class CompletionService:
         lease = await self._engines.acquire(model)  # waits for a load, bounded (core/engines.py)
         try:
             engine = lease.engine
-            tokens = await engine.tokenize(request.prompt)
+            tokens = await engine.tokenize(request)  # what the engine will feed: a chat model's rendered prompt
             check_context(tokens, request.max_tokens, engine.context_size)
             if key is not None:
                 self._limiter.admit(key, tokens.count or 0)

@@ -40,12 +40,15 @@ def check_caps(call: CompletionCall, caps: RequestCaps) -> None:
 def to_generation_request(call: CompletionCall, *, check_transcript: bool) -> GenerationRequest:
     """Parse, don't validate: the only way a caller's request reaches an engine.
     With `check_transcript` off (raw completion for base models) the prompt is
-    passed through untouched."""
+    passed through untouched and there is no conversation to render."""
     if any(stop == "" for stop in call.stop_sequences):
         raise InvalidRequest("stop_sequences: a stop sequence must not be empty")
+    prompt = transcript.prepare(call.prompt) if check_transcript else call.prompt
     return GenerationRequest(
         request_id=call.request_id,
-        prompt=transcript.prepare(call.prompt) if check_transcript else call.prompt,
+        prompt=prompt,
+        conversation=transcript.parse_conversation(prompt) if check_transcript else None,
+        model_id=call.model,
         max_tokens=call.max_tokens,
         sampling=SamplingParams(
             temperature=1.0 if call.temperature is None else call.temperature,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from tcserve.core.request import EngineEvent, GenerationRequest, PromptTokens
 from tcserve.errors import Overloaded
+
+PromptFormat = Literal["raw", "chat"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,18 @@ class Engine(Protocol):
         """Load the model. Runs in the background while /health says 503."""
         ...
 
-    async def tokenize(self, text: str) -> PromptTokens:
-        """The prompt as `generate` will feed it (BOS included): its count, and its ids
-        when the engine can reuse them (then `generate` does not tokenize again).
-        `count` is None when the engine cannot count (its `warnings` say so)."""
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How the engine feeds a transcript: "raw" (the Human/Assistant text as it is)
+        or "chat" (the conversation in the model's own turn format). Logged at start,
+        shown by /health."""
+        ...
+
+    async def tokenize(self, request: GenerationRequest) -> PromptTokens:
+        """The request's prompt as `generate` will feed it (for a chat model, the
+        rendered conversation; BOS included): its count, and its ids when the engine
+        can reuse them (then `generate` does not tokenize again). `count` is None when
+        the engine cannot count (its `warnings` say so)."""
         ...
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:

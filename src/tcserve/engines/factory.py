@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,15 +40,27 @@ def build_engine(model: ServedModel) -> Engine:
             prefix_cache=model.prefix_cache,
             prefill_budget=model.prefill_budget,
             reuse_generated=model.reuse_generated,
+            # A raw model has no conversation to render: auto means raw there.
+            prompt_format=model.prompt_format if model.check_transcript else "raw",
+            chat_template=chat_template_text(model),
+            name=model.name,
         )
     )
+
+
+def chat_template_text(model: LlamaCppModel) -> str | None:
+    """The configured template: inline text as it is, a file's text (load_models checked it exists)."""
+    if model.chat_template is None or model.chat_template_is_inline:
+        return model.chat_template
+    return Path(model.chat_template).read_text(encoding="utf-8")
 
 
 def upstream_settings(model: UpstreamModel) -> UpstreamSettings:
     return UpstreamSettings(
         model=model.upstream_model or model.name,
         urls=tuple(str(url) for url in model.urls),
-        api_key=model.api_key.get_secret_value() if model.api_key is not None else None,
+        api_key=_api_key(model),
+        api=model.api,
         context_size=model.context_size,
         connect_timeout=model.connect_timeout,
         read_timeout=model.read_timeout,
@@ -86,6 +99,12 @@ def _packaged_chunks() -> list[Path]:
         return [Path(path) for path in chunk_paths()]
     except ImportError:
         return []
+
+
+def _api_key(model: UpstreamModel) -> str | None:
+    if model.api_key_env is not None:
+        return os.environ.get(model.api_key_env) or None  # load_models checked it is set
+    return model.api_key.get_secret_value() if model.api_key is not None else None
 
 
 def model_file_date(model: ServedModel) -> datetime | None:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
-from tcserve.engines.base import Admission, EngineStats
+from tcserve.engines.base import Admission, EngineStats, PromptFormat
 from tcserve.errors import EngineFailure, EngineNotReady, Overloaded
 
 EOS = "<eos>"
@@ -63,8 +63,12 @@ class FakeEngine:
         await asyncio.sleep(self._load_delay)
         self._ready = True
 
-    async def tokenize(self, text: str) -> PromptTokens:
-        return PromptTokens(len(text) + 1)  # one per character, plus BOS
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return "raw"
+
+    async def tokenize(self, request: GenerationRequest) -> PromptTokens:
+        return PromptTokens(len(request.prompt) + 1)  # one per character, plus BOS
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         if not self._ready:

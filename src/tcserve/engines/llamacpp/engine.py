@@ -9,14 +9,17 @@ batches into one async stream per request. Nothing here blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens
-from tcserve.engines.base import Admission, EngineStats
+from tcserve.engines.base import Admission, EngineStats, PromptFormat
+from tcserve.engines.llamacpp.chat import ChatTemplate, load_chat_template
 from tcserve.engines.llamacpp.native import ContextParams, Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler, Stats
@@ -58,6 +61,13 @@ class LlamaCppSettings:
     steps for long prompts under load. 256 measured best at 16 concurrent clients
     (README, "Batching")."""
     reuse_generated: bool
+    prompt_format: Literal["auto", "raw", "chat"] = "auto"
+    """auto: chat when the GGUF carries `tokenizer.chat_template` (or `chat_template`
+    is set), raw otherwise."""
+    chat_template: str | None = None
+    """Overrides the GGUF's template (the text itself; the factory reads a file)."""
+    name: str = "model"
+    """For messages about the model."""
 
 
 class LlamaCppEngine:
@@ -73,6 +83,8 @@ class LlamaCppEngine:
         self._prefix_cache = settings.prefix_cache
         self._reuse_generated = settings.reuse_generated
         self._admission = Admission(settings.parallel, settings.max_queue)
+        self._settings = settings
+        self._chat: ChatTemplate | None = None
         self._model: Model | None = None
         self._scheduler: Scheduler | None = None
         self._thread: threading.Thread | None = None
@@ -86,13 +98,22 @@ class LlamaCppEngine:
     def ready(self) -> bool:
         return self._scheduler is not None
 
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return "chat" if self._chat is not None else "raw"
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         path = self._path if self._path is not None else await asyncio.to_thread(default_model_path)
         model = await asyncio.to_thread(Model, path, self._params)
+        try:
+            self._chat = self._chat_template(model)
+        except BaseException:
+            model.close()
+            raise
         log.info(
-            "loaded %s: %d slots x %d tokens of context, %d threads",
-            path, self._params.slots, model.slot_context, self._params.threads,
+            "loaded %s: %d slots x %d tokens of context, %d threads, prompt format %s",
+            path, self._params.slots, model.slot_context, self._params.threads, self.prompt_format,
         )  # fmt: skip
         scheduler = Scheduler(
             model, self._deliver, slots=self._params.slots, chunk=PREFILL_CHUNK,
@@ -103,14 +124,40 @@ class LlamaCppEngine:
         self._model, self._scheduler = model, scheduler
         self._thread.start()
 
-    async def tokenize(self, text: str) -> PromptTokens:
+    def _chat_template(self, model: Model) -> ChatTemplate | None:
+        """The template to render conversations with, or None for raw prompts. A
+        template that cannot render the probe conversation fails the load."""
+        wanted = self._settings.prompt_format
+        if wanted == "raw":
+            return None
+        metadata = model.chat_metadata()
+        source = self._settings.chat_template or metadata.template
+        if source is None:
+            if wanted == "chat":
+                raise EngineFailure(
+                    f"{self._settings.name}: prompt_format is chat, but the GGUF has no tokenizer.chat_template"
+                    " and no chat_template is set"
+                )
+            return None
+        return load_chat_template(
+            source, bos_token=metadata.bos_token, eos_token=metadata.eos_token, name=self._settings.name
+        )
+
+    async def tokenize(self, request: GenerationRequest) -> PromptTokens:
         model = self._require_model()
         # Tokenizing only reads the vocabulary: safe beside a running decode.
-        ids = await asyncio.to_thread(model.vocab.tokenize, text)
+        if self._chat is None or request.conversation is None:
+            ids = await asyncio.to_thread(model.vocab.tokenize, request.prompt)
+        else:
+            rendered = self._chat.render(request.conversation)
+            # Special tokens parsed: the template's markers (<|im_start|>) become their tokens.
+            ids = await asyncio.to_thread(model.vocab.tokenize, rendered, self._chat.add_bos(rendered), True)
         return PromptTokens(len(ids), tuple(ids))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         scheduler = self._require_scheduler()
+        if request.tokens.ids is None:  # a caller that skipped `tokenize`: the scheduler needs the ids
+            request = dataclasses.replace(request, tokens=await self.tokenize(request))
         self._admission.admit()
         job = Job(request, Sampler(request.sampling), channel=asyncio.Queue())
         scheduler.submit(job)

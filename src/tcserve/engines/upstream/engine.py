@@ -1,16 +1,24 @@
-"""An engine that forwards to OpenAI-compatible `/v1/completions` servers.
+"""An engine that forwards to upstream servers: OpenAI-compatible `/v1/completions`
+(the transcript as text) or `/v1/chat/completions` (as turns, `chat.py`), or
+Anthropic's Messages API (`messages.py`).
 
 tcserve keeps the wire (validation, prompt rules, stop semantics, errors, SSE);
-the upstream (vLLM, SGLang, llama-server, TGI; one or many replicas) does the
-compute. Each request goes to the replica with the fewest requests in flight.
-Replicas are health-checked in the background and skipped while down.
+the upstream (vLLM, SGLang, llama-server, TGI, Anthropic; one or many replicas)
+does the compute. Each request goes to the replica with the fewest requests in
+flight. Replicas are health-checked in the background and skipped while down:
+`/health`, or `/v1/models` where that is 404 (llama-cpp-python's server, and
+Anthropic's API, whose /v1/models costs no tokens and checks the key too).
 
 Failure rules:
 - before any text was produced, a failed replica (unreachable, 5xx, 429, a
   stream that broke) is tried once more on another replica;
-- an upstream 429 or 503, or no reachable replica, is `Overloaded` (529 with
-  `retry-after`, which the SDKs honour);
-- an upstream 400 is the caller's mistake and keeps its message;
+- an upstream 429, 503 or 529, or no reachable replica, is `Overloaded` (529 with
+  the upstream's `retry-after`, which the SDKs honour);
+- an upstream 400 is the caller's mistake and keeps its message; a Messages
+  upstream's 404 (a model id it does not serve, or has retired) is our 404 with
+  its message; a 401/403 is tcserve's key, not the caller's: a 500, logged;
+- a Messages stream's `error` event becomes ours (an overloaded one is
+  `Overloaded`), and a stop reason a completion cannot express is a 400;
 - a timeout is an `EngineFailure` (500 `api_error`): the SDKs retry a 500, and
   Anthropic's error vocabulary (docs/wire.md) has no timeout type;
 - after text was produced, any failure ends the stream with an error, never a
@@ -42,19 +50,28 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
-from tcserve.engines.base import Admission, EngineStats
-from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded
+from tcserve.core.transcript import Conversation, Turn
+from tcserve.engines.base import Admission, EngineStats, PromptFormat
+from tcserve.engines.upstream.chat import ChatStream, chat_body, chat_messages
+from tcserve.engines.upstream.messages import MessagesStream, messages_body, messages_headers, upstream_error
+from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, ModelNotFound, Overloaded, TCServeError
 
 log = logging.getLogger("tcserve.upstream")
 
-OVERLOADED_STATUSES = frozenset({429, 503})
+Api = Literal["completions", "chat", "messages"]
+PATHS: dict[Api, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "messages": "/v1/messages"}
+PROBE = GenerationRequest(
+    "probe", "\n\nHuman: Hi\n\nAssistant:", 1, conversation=Conversation("", (Turn("human", "Hi"),), "")
+)
+"""What `start` counts to find out whether the upstream can count prompts."""
+OVERLOADED_STATUSES = frozenset({429, 503, 529})
 TOKENIZE_ROUTES = (("/tokenize", "prompt"), ("/extras/tokenize", "input"))
 """(path, field of the text): vLLM and SGLang, then llama-cpp-python's server."""
 ATTEMPTS = 2
@@ -129,11 +146,11 @@ class UpstreamSettings:
     """What `engines/factory.py` fills from a model's config (the defaults live there)."""
 
     model: str
-    """The model name the upstream serves."""
+    """The model name the upstream serves; `{model}` in it is the id the caller asked for."""
     urls: tuple[str, ...]
     """Replicas, e.g. http://gpu-1:8000."""
     api_key: str | None
-    """Sent as `Authorization: Bearer`; never logged."""
+    """Sent as `Authorization: Bearer` (`x-api-key` to a Messages upstream); never logged."""
     context_size: int | None
     """None: the upstream's max_model_len from its /v1/models."""
     connect_timeout: float
@@ -142,6 +159,7 @@ class UpstreamSettings:
     stop_limit: int
     """Stop sequences sent upstream (tcserve enforces all of them)."""
     max_in_flight: int
+    api: Api = "completions"
 
 
 class _Call(Generic[T]):
@@ -196,12 +214,22 @@ class UpstreamEngine:
     def ready(self) -> bool:
         return self._client is not None and self._context_size is not None
 
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return "raw" if self._config.api == "completions" else "chat"
+
     async def start(self) -> None:
-        headers = {}
-        if self._config.api_key is not None:
+        headers: dict[str, str] = {}
+        if self._config.api == "messages":
+            headers.update(messages_headers(self._config.api_key or ""))
+            if self._config.api_key is None:
+                del headers["x-api-key"]  # a local server (vLLM) that needs no key
+        elif self._config.api_key is not None:
             headers["authorization"] = f"Bearer {self._config.api_key}"
         timeout = httpx.Timeout(self._config.read_timeout, connect=self._config.connect_timeout)
         client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport)
+        if self._context_size is not None:  # known: still find out which replicas are up before serving
+            await self._check_replicas(client)
         while self._context_size is None:  # /health says "loading" until a replica tells us
             await self._check_replicas(client)
             self._context_size = await self._discover_context(client)
@@ -209,23 +237,30 @@ class UpstreamEngine:
                 await asyncio.sleep(self._config.health_interval)
         self._client = client
         self._health = asyncio.create_task(self._health_loop())
-        log.info("upstream %s: %d replica(s), context %d", self._name, len(self._replicas), self._context_size)
-        await self.tokenize("")  # find out now whether prompts can be counted (warnings() says)
+        log.info("upstream %s (%s API): %d replica(s), context %d", self._name, self._config.api,
+                 len(self._replicas), self._context_size)  # fmt: skip
+        await self.tokenize(PROBE)  # find out now whether prompts can be counted (warnings() says)
 
-    async def tokenize(self, text: str) -> PromptTokens:
+    async def tokenize(self, request: GenerationRequest) -> PromptTokens:
         """The prompt's tokens by the upstream's own tokenizer: vLLM's and SGLang's
-        `/tokenize`, or llama-cpp-python's `/extras/tokenize`. An upstream with
-        neither cannot be counted (count None, and `warnings` says so): its own
-        length check and its usage figures stand in for ours. Only replicas that
-        are up are asked: a stuck one would hold the request for `read_timeout`
-        before it is even sent."""
+        `/tokenize` (for a chat upstream, with the messages, which vLLM renders with
+        the model's template), or llama-cpp-python's `/extras/tokenize`. An upstream
+        with neither cannot be counted (count None, and `warnings` says so): its own
+        length check and its usage figures stand in for ours; so is a Messages
+        upstream (Anthropic's count_tokens route is a billed-API call of its own, and
+        vLLM's Messages server has none). Only replicas that are up are asked: a
+        stuck one would hold the request for `read_timeout` before it is even sent."""
         client = self._require_client()
-        while self._tokenize_route < len(TOKENIZE_ROUTES):
-            path, field = TOKENIZE_ROUTES[self._tokenize_route]
+        if self._config.api == "messages":
+            self._counts_tokens = False
+            return PromptTokens(None)
+        routes = TOKENIZE_ROUTES[:1] if self._config.api == "chat" else TOKENIZE_ROUTES
+        while self._tokenize_route < len(routes):
+            path, field = routes[self._tokenize_route]
+            payload = self._tokenize_payload(request, field)
             for replica in [r for r in self._by_load() if r.up]:
                 try:
-                    response = await self._call(replica, client.post(f"{replica.url}{path}", json={
-                        "model": self._name, field: text}))  # fmt: skip
+                    response = await self._call(replica, client.post(f"{replica.url}{path}", json=payload))
                 except (httpx.HTTPError, _Retryable):
                     continue
                 if response.status_code == 200:
@@ -241,7 +276,24 @@ class UpstreamEngine:
         self._counts_tokens = False
         return PromptTokens(None)
 
+    def _tokenize_payload(self, request: GenerationRequest, field: str) -> dict[str, Any]:
+        model = self._model_for(request)
+        if self._config.api != "chat" or request.conversation is None:
+            return {"model": model, field: request.prompt}
+        continues = bool(request.conversation.chat_turns()[1])
+        return {"model": model, "messages": chat_messages(request.conversation),
+                "add_generation_prompt": not continues, "continue_final_message": continues}  # fmt: skip
+
+    def _model_for(self, request: GenerationRequest) -> str:
+        """The upstream's model name: `{model}` stands for the id the caller asked for."""
+        return self._name.replace("{model}", request.model_id) if "{model}" in self._name else self._name
+
     def warnings(self) -> list[str]:
+        if self._counts_tokens is False and self._config.api == "messages":
+            return [
+                "a Messages upstream has no tokenize route: prompts are not counted before they are sent, so the "
+                "context check is the upstream's and input-token limits are charged from its usage figures"
+            ]
         if self._counts_tokens is False:
             return [
                 "the upstream has no tokenize route (/tokenize or /extras/tokenize): prompts are not counted "
@@ -298,7 +350,8 @@ class UpstreamEngine:
 
     async def _send(self, replica: Replica, request: GenerationRequest) -> httpx.Response:
         client = self._require_client()
-        http_request = client.build_request("POST", f"{replica.url}/v1/completions", json=self._body(request))
+        url = f"{replica.url}{PATHS[self._config.api]}"
+        http_request = client.build_request("POST", url, json=self._body(request))
         try:
             response = await self._call(replica, client.send(http_request, stream=True))
         except httpx.TimeoutException as error:
@@ -311,24 +364,41 @@ class UpstreamEngine:
             return response
         detail = (await response.aread()).decode("utf-8", errors="replace")
         await response.aclose()
-        if response.status_code in OVERLOADED_STATUSES:
+        status = response.status_code
+        if status in OVERLOADED_STATUSES:
             retry_after = _retry_after(response) or 1.0
-            raise _Retryable(f"{response.status_code} {detail[:200]}", overloaded=True, retry_after=retry_after)
-        if 400 <= response.status_code < 500:
+            raise _Retryable(f"{status} {detail[:200]}", overloaded=True, retry_after=retry_after)
+        if status in (401, 403):  # tcserve's own key to the upstream: not the caller's doing
+            raise EngineFailure(f"upstream {replica.url} refused tcserve's key: {status} {_error_message(detail)}")
+        if status == 404 and self._config.api == "messages":
+            raise ModelNotFound(request.model_id, _error_message(detail))
+        if 400 <= status < 500 and self._config.api == "messages":
+            raise upstream_error(_error_body(detail), status=status)  # the message as Anthropic wrote it
+        if 400 <= status < 500:
             raise InvalidRequest(f"upstream rejected the request: {_error_message(detail)}")
-        raise _Retryable(f"{response.status_code} {detail[:200]}")
+        raise _Retryable(f"{status} {detail[:200]}")
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        stops = request.stop_sequences[: self._config.stop_limit]
+        conversation = request.conversation
+        if self._config.api != "completions" and conversation is None:
+            raise InvalidRequest("this model needs a Human/Assistant transcript")  # the config forbids it
+        if self._config.api == "chat" and conversation is not None:
+            return chat_body(self._model_for(request), conversation, max_tokens=request.max_tokens,
+                             sampling=request.sampling, stop_sequences=stops)  # fmt: skip
+        if self._config.api == "messages" and conversation is not None:
+            return messages_body(self._model_for(request), conversation, max_tokens=request.max_tokens,
+                                 sampling=request.sampling, stop_sequences=stops, user_id=request.user_id)  # fmt: skip
         sampling = request.sampling
         body: dict[str, Any] = {
-            "model": self._name,
+            "model": self._model_for(request),
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "temperature": 0.0 if sampling.greedy else sampling.temperature,
             "stream": True,
         }
-        if stops := list(request.stop_sequences[: self._config.stop_limit]):
-            body["stop"] = stops
+        if stops:
+            body["stop"] = list(stops)
             body["include_stop_str_in_output"] = True  # vLLM: the stop text reaches our matcher
         if sampling.top_p is not None:
             body["top_p"] = sampling.top_p
@@ -369,7 +439,42 @@ class UpstreamEngine:
             await self._finish(replica, response)
             self._admission.release()
 
-    async def _read(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
+    def _read(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
+        if self._config.api == "completions":
+            return self._read_completions(replica, response)
+        return self._read_turns(replica, response, ChatStream() if self._config.api == "chat" else MessagesStream())
+
+    async def _read_turns(
+        self, replica: Replica, response: httpx.Response, parser: ChatStream | MessagesStream
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """A chat or Messages stream -> engine events (the parser ends with `Finished`).
+        The parsers' stream errors are retryable before any text (another replica may
+        do better); what they map to our own errors (an overloaded event, a stop
+        reason a completion cannot express) is passed on as it is."""
+        pump = _Pump(response)
+        replica.streams.add(pump)
+        data: list[str] = []
+        try:
+            while True:
+                line = await pump.next_line()
+                if line is not None and line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                    continue
+                if data and (line is None or not line.strip()):
+                    payload, data = "\n".join(data), []
+                    for event in _parsed(parser.feed, payload):
+                        yield event
+                        if isinstance(event, Finished):
+                            return
+                if line is None:
+                    break
+            for event in _parsed(lambda _: parser.close(), ""):
+                yield event
+        finally:
+            replica.streams.discard(pump)
+            await pump.close()
+
+    async def _read_completions(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
         """OpenAI-style SSE chunks -> engine events. The finish is held until the stream
         ends ([DONE]), so that the usage chunk that follows it (`include_usage`) can
         give its figures; a stream without them is counted by its text chunks."""
@@ -498,6 +603,28 @@ def _finished(choice: dict[str, Any]) -> Finished | None:
     if isinstance(stop, str):  # vLLM names the stop string it matched
         return Finished("stop_sequence", stop=stop)
     return Finished("end_of_sequence")
+
+
+def _parsed(feed: Callable[[str], list[EngineEvent]], payload: str) -> list[EngineEvent]:
+    """A parser's events; its stream errors (EngineFailure) become retryable."""
+    try:
+        return feed(payload)
+    except TCServeError as error:
+        if isinstance(error, EngineFailure):
+            raise _Retryable(str(error)) from None
+        raise
+    except ValueError as error:  # not JSON
+        raise _Retryable(f"the upstream sent an unreadable event: {error}") from None
+
+
+def _error_body(detail: str) -> dict[str, Any]:
+    """An Anthropic error body's `error` object (or a stand-in with the raw text)."""
+    try:
+        body = json.loads(detail)
+    except ValueError:
+        return {"message": detail[:500]}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {"message": detail[:500]}
 
 
 def _count(value: object) -> int | None:
