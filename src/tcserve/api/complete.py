@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -28,7 +28,8 @@ from tcserve.api.middleware import CLIENT_CLOSED_REQUEST, key_of, request_id_of
 from tcserve.api.openapi import ERROR_RESPONSES
 from tcserve.api.protocol import Completion, CompletionRequest
 from tcserve.api.state import server_state
-from tcserve.core.request import CompletionCall, CompletionEvent, Done
+from tcserve.core.request import CompletionCall, Done
+from tcserve.core.service import CompletionStream
 from tcserve.errors import InvalidRequest
 from tcserve.ids import new_id
 
@@ -66,11 +67,14 @@ async def create_completion(request: Request) -> Response:
             sse.with_pings(frames, state.settings.ping_interval),
             write_timeout=state.settings.slow_reader_timeout,
             headers=SSE_HEADERS,
+            on_close=events.aclose,  # also when the client left before the stream started
         )
     try:
         body = await until_disconnected(request, whole_completion(events, completion_id, wire.model))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log does
+    finally:
+        await events.aclose()
     return JSONResponse(body)
 
 
@@ -131,9 +135,7 @@ def completion_body(
     }
 
 
-async def whole_completion(
-    events: AsyncGenerator[CompletionEvent, None], completion_id: str, model: str
-) -> dict[str, Any]:
+async def whole_completion(events: CompletionStream, completion_id: str, model: str) -> dict[str, Any]:
     parts: list[str] = []
     async with aclosing(events):
         async for event in events:
@@ -143,9 +145,7 @@ async def whole_completion(
     raise AssertionError("completion events ended without Done")  # complete() guarantees a Done
 
 
-async def sse_frames(
-    events: AsyncGenerator[CompletionEvent, None], completion_id: str, model: str, request_id: str
-) -> AsyncIterator[bytes]:
+async def sse_frames(events: CompletionStream, completion_id: str, model: str, request_id: str) -> AsyncIterator[bytes]:
     async with aclosing(events):
         try:
             async for event in events:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("tcserve.sse")
 
@@ -71,10 +71,27 @@ class EventStreamResponse(StreamingResponse):
     reading) ends the stream, which frees the request's slot. Other streams never wait
     for it: each has its own queue and its own connection."""
 
-    def __init__(self, frames: AsyncIterator[bytes], *, write_timeout: float, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        write_timeout: float,
+        headers: Mapping[str, str],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_close` runs when the response is over, however it ended: also when the
+        client left before the stream started, when `frames` never ran at all."""
         super().__init__(frames, media_type="text/event-stream; charset=utf-8", headers=headers)
         self._frames = frames
         self._write_timeout = write_timeout
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._on_close is not None:
+                await self._on_close()
 
     async def stream_response(self, send: Send) -> None:
         async def send_or_give_up(message: dict[str, object]) -> None:

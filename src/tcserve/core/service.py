@@ -67,13 +67,13 @@ class CompletionService:
 
     async def complete(
         self, call: CompletionCall, key: KeyRecord | None, arrived: float | None = None
-    ) -> AsyncGenerator[CompletionEvent, None]:
+    ) -> CompletionStream:
         """Admit the call and return its events: `Chunk`s, then exactly one `Done`.
 
         Raises before anything is generated (`tcserve.errors`: the caller's mistake,
         an unknown model, a key's permission or limits, a full queue, a model still
-        loading). Closing the returned stream early (a stop, a client gone) stops the
-        engine's work for it and records the request as cancelled.
+        loading). Closing the returned stream early (a stop, a client gone), read or
+        not, stops the engine's work for it and records the request as cancelled.
         """
         arrived = time.monotonic() if arrived is None else arrived
         check_caps(call, self._policy.caps)
@@ -94,58 +94,99 @@ class CompletionService:
             lease.release()
             raise
         deadline = arrived + self._policy.request_timeout
-        return _completion_events(events, StopMatcher(request.stop_sequences), accounting, deadline,
-                                  self._policy.request_timeout, lease)  # fmt: skip
+        return CompletionStream(events, StopMatcher(request.stop_sequences), accounting, lease, deadline,
+                                self._policy.request_timeout)  # fmt: skip
 
 
-async def _completion_events(
-    events: AsyncIterator[EngineEvent],
-    matcher: StopMatcher,
-    accounting: _Accounting,
-    deadline: float,
-    limit: float,
-    lease: Lease,
-) -> AsyncGenerator[CompletionEvent, None]:
-    """Engine events -> completion events, with the stop matcher between them (so every
-    engine gets the same stop semantics), the deadline (checked per event) and the
-    accounting at the first text and at the end."""
-    output_tokens = 0
-    ended = False
-    try:
-        async for event in events:
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(limit)
-            if isinstance(event, TextDelta):
-                output_tokens += event.tokens
-                released = matcher.feed(event.text)
-                if not isinstance(released, StopMatch):
-                    if released:
-                        accounting.first_text()
-                        yield Chunk(released)
-                    continue
-                done = Done(released.text_before, "stop_sequence", released.stop, accounting.usage(output_tokens))
-            else:
-                done = _done(event, matcher.flush(), accounting, output_tokens)
-            accounting.first_text()
-            await accounting.finished(done)  # committed before the client sees the end
-            ended = True
-            yield done
-            return
-        raise EngineFailure("engine stream ended without a Finished event")
-    except Exception:
-        if not ended:
-            accounting.ended_early("failed", output_tokens)
-            ended = True
-        raise
-    finally:
-        if not ended:
-            accounting.ended_early("cancelled", output_tokens)
+class CompletionStream:
+    """An admitted completion's events: `Chunk`s, then exactly one `Done`.
+
+    Engine events become completion events here, with the stop matcher between them
+    (so every engine gets the same stop semantics), the deadline (checked per event)
+    and the accounting at the first text and at the end. `aclose()` ends the stream
+    and frees what it holds (the engine's work, the model's lease, the ledger row of a
+    cancelled request) whether or not it was ever read: a client can leave before its
+    response starts, and an async generator that never started runs no `finally`.
+    """
+
+    def __init__(
+        self,
+        events: AsyncIterator[EngineEvent],
+        matcher: StopMatcher,
+        accounting: _Accounting,
+        lease: Lease,
+        deadline: float,
+        limit: float,
+    ) -> None:
+        self._events = events
+        self._matcher = matcher
+        self._accounting = accounting
+        self._lease = lease
+        self._deadline = deadline
+        self._limit = limit
+        self._output_tokens = 0
+        self._ended = False
+        """The request is accounted for (finished or failed); closing then records nothing."""
+        self._closed = False
+        self._iterator = self._run()
+
+    def __aiter__(self) -> CompletionStream:
+        return self
+
+    async def __anext__(self) -> CompletionEvent:
+        return await self._iterator.__anext__()
+
+    async def aclose(self) -> None:
+        await self._iterator.aclose()
+        await self._close()
+
+    async def _run(self) -> AsyncGenerator[CompletionEvent, None]:
+        accounting = self._accounting
         try:
-            aclose = getattr(events, "aclose", None)
+            async for event in self._events:
+                if time.monotonic() > self._deadline:
+                    raise DeadlineExceeded(self._limit)
+                if isinstance(event, TextDelta):
+                    self._output_tokens += event.tokens
+                    released = self._matcher.feed(event.text)
+                    if not isinstance(released, StopMatch):
+                        if released:
+                            accounting.first_text()
+                            yield Chunk(released)
+                        continue
+                    usage = accounting.usage(self._output_tokens)
+                    done = Done(released.text_before, "stop_sequence", released.stop, usage)
+                else:
+                    done = _done(event, self._matcher.flush(), accounting, self._output_tokens)
+                accounting.first_text()
+                await accounting.finished(done)  # committed before the client sees the end
+                self._ended = True
+                yield done
+                return
+            raise EngineFailure("engine stream ended without a Finished event")
+        except Exception:
+            if not self._ended:
+                accounting.ended_early("failed", self._output_tokens)
+                self._ended = True
+            raise
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        """Once: a request that was neither finished nor failed was cancelled; the
+        engine's stream is closed (which stops its work) and the lease given back."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ended:
+            self._ended = True
+            self._accounting.ended_early("cancelled", self._output_tokens)
+        try:
+            aclose = getattr(self._events, "aclose", None)
             if aclose is not None:
                 await aclose()
         finally:
-            lease.release()  # the model may be unloaded once idle
+            self._lease.release()  # the model may be unloaded once idle
 
 
 def _done(event: Finished, held: str, accounting: _Accounting, counted: int) -> Done:

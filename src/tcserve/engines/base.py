@@ -12,7 +12,7 @@ the client went away) must stop the work behind it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -78,6 +78,36 @@ class Engine(Protocol):
     async def aclose(self) -> None:
         """Free the model; pending and later calls fail."""
         ...
+
+
+class EngineStream:
+    """An engine's events from an async generator, whose `aclose()` frees what the
+    request holds even if it was never read: an async generator that never started
+    runs no `finally`, and a client can leave before its first event is asked for.
+    `if_never_started` frees what `generate` took before the generator ran."""
+
+    def __init__(
+        self, events: AsyncGenerator[EngineEvent, None], if_never_started: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._events = events
+        self._if_never_started = if_never_started
+        self._started = False
+        self._closed = False
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        self._started = True
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._events.aclose()  # runs the generator's own `finally` if it started
+        if not self._started:
+            await self._if_never_started()
 
 
 class Admission:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
-from tcserve.engines.base import Admission, EngineStats, PromptFormat
+from tcserve.engines.base import Admission, EngineStats, EngineStream, PromptFormat
 from tcserve.errors import EngineFailure, EngineNotReady, Overloaded
 
 EOS = "<eos>"
@@ -75,7 +75,11 @@ class FakeEngine:
             raise EngineNotReady()
         self._admission.admit()
         self.requests.append(request)
-        return self._run(request)
+
+        async def release() -> None:
+            self._admission.release()
+
+        return EngineStream(self._run(request), if_never_started=release)
 
     def stats(self) -> EngineStats:
         # The fake runs every admitted request at once: nothing waits.
@@ -84,7 +88,7 @@ class FakeEngine:
     def warnings(self) -> list[str]:
         return []
 
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    async def _run(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         self.active += 1
         try:
             for produced, token in enumerate(self._tokens):

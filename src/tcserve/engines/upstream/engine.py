@@ -58,7 +58,7 @@ import httpx
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
 from tcserve.core.transcript import Conversation, Turn
-from tcserve.engines.base import Admission, EngineStats, PromptFormat
+from tcserve.engines.base import Admission, EngineStats, EngineStream, PromptFormat
 from tcserve.engines.upstream.chat import ChatStream, chat_body, chat_messages
 from tcserve.engines.upstream.messages import MessagesStream, messages_body, messages_headers, upstream_error
 from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, ModelNotFound, Overloaded, TCServeError
@@ -310,7 +310,12 @@ class UpstreamEngine:
         except BaseException:
             self._admission.release()
             raise
-        return self._events(request, replica, response)
+
+        async def release() -> None:
+            await self._finish(replica, response)
+            self._admission.release()
+
+        return EngineStream(self._events(request, replica, response), if_never_started=release)
 
     def stats(self) -> EngineStats:
         running = sum(replica.in_flight for replica in self._replicas)
@@ -411,7 +416,7 @@ class UpstreamEngine:
 
     async def _events(
         self, request: GenerationRequest, replica: Replica, response: httpx.Response
-    ) -> AsyncIterator[EngineEvent]:
+    ) -> AsyncGenerator[EngineEvent, None]:
         produced = 0
         tried = {replica.url}
         try:
