@@ -66,6 +66,12 @@ class Replica:
 
 
 async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException | None]:
+    events, error, _ = await generate_counted(replica)
+    return events, error
+
+
+async def generate_counted(replica: Replica) -> tuple[list[EngineEvent], BaseException | None, int]:
+    """The events, the error that ended them, and the requests still counted in flight after."""
     model = UpstreamModel.model_validate({
         "name": "m", "engine": "upstream", "urls": [URL], "context_size": 512,
         "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
@@ -81,8 +87,8 @@ async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException |
                 async for event in stream:
                     events.append(event)
         except EngineFailure as error:
-            return events, error
-        return events, None
+            return events, error, engine.stats().running
+        return events, None, engine.stats().running
     finally:
         await engine.aclose()
 
@@ -136,6 +142,20 @@ async def test_a_slow_prompt_survives_a_health_check_that_times_out(silence: flo
     events, error = await generate(Replica(stream, slow))
     assert error is None
     assert events == [TextDelta(" Hi"), TextDelta(" there"), Finished("max_tokens")]
+
+
+async def test_a_finished_stream_is_no_longer_in_flight() -> None:
+    """httpx closes a response once its body is read: the count must not depend on that
+    (it did: every finished stream stayed "in flight", which skewed fewest-in-flight,
+    /metrics and the drain on shutdown)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield chunk(" Hi", "length")
+        yield b"data: [DONE]\n\n"
+
+    for _ in range(3):
+        events, error, in_flight = await generate_counted(Replica(stream, lambda _request: httpx.Response(200)))
+        assert error is None and events[-1] == Finished("max_tokens") and in_flight == 0
 
 
 STUCK, HEALTHY = "http://replica-stuck:8000", "http://replica-healthy:8000"

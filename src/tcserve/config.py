@@ -1,7 +1,8 @@
 """Settings: CLI flags and `TCSERVE_*` variables -> one object; a TOML file -> the model table.
 
-Config flows one way: `cli.py` parses flags into a `Settings`, `load_models`
-reads the model table, and `api.app.create_app(settings)` builds the server.
+Config flows one way: `cli/main.py` parses flags (generated from `Settings` by
+`cli/flags.py`) into a `Settings`, `load_models` reads the model table, and
+`api.app.create_app(settings)` builds the server.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 
 `to_api_error` turns internal errors (`tcserve.errors`) into these; anything
 else becomes a 500 whose message reveals nothing, with the detail in the log
-under the request id. `error_response` and `sse_error_event` are the two
+under the request id. `error_response` and `error_event_data` are the two
 renderings: before the first byte of a response, and after it.
 """
 

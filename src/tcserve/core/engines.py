@@ -118,8 +118,8 @@ class Engines:
         configured: Iterable[ServedModel],
         factory: EngineFactory,
         *,
-        max_loaded: int | None = None,
-        load_timeout: float = 60.0,
+        max_loaded: int | None,
+        load_timeout: float,
     ) -> None:
         self._factory = factory
         self._slots: dict[str, _Slot] = {model.name: _Slot(model, configured=True) for model in configured}

@@ -159,8 +159,8 @@ class CompletionStream:
                 else:
                     done = _done(event, self._matcher.flush(), accounting, self._output_tokens)
                 accounting.first_text()
+                self._ended = True  # accounted once, even if the wait for the ledger is cut short
                 await accounting.finished(done)  # committed before the client sees the end
-                self._ended = True
                 yield done
                 return
             raise EngineFailure("engine stream ended without a Finished event")

@@ -1,6 +1,6 @@
 """The embedded engine: llama.cpp through llama-cpp-python's low-level API, batched.
 
-The scheduler (`batching.py`) runs on its own thread and owns the llama.cpp
+The scheduler (`scheduler.py`) runs on its own thread and owns the llama.cpp
 context; this facade lives on the event loop. It admits requests (a bounded
 queue), hands them to the scheduler, and turns the scheduler's per-step event
 batches into one async stream per request. Nothing here blocks the loop.

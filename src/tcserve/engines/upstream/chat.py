@@ -62,16 +62,24 @@ def chat_body(
     if conversation.chat_turns()[1] and continue_fields:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
+    return body | openai_options(sampling, stop_sequences)
+
+
+def openai_options(sampling: SamplingParams, stop_sequences: Sequence[str]) -> dict[str, Any]:
+    """The stop and sampling fields that OpenAI-style completions and chat completions
+    share. The stop text is asked back (vLLM's `include_stop_str_in_output`), so that
+    tcserve's own matcher cuts and reports it as it does for every engine."""
+    options: dict[str, Any] = {}
     if stop_sequences:
-        body["stop"] = list(stop_sequences)
-        body["include_stop_str_in_output"] = True
+        options["stop"] = list(stop_sequences)
+        options["include_stop_str_in_output"] = True
     if sampling.top_p is not None:
-        body["top_p"] = sampling.top_p
+        options["top_p"] = sampling.top_p
     if sampling.top_k:
-        body["top_k"] = sampling.top_k
+        options["top_k"] = sampling.top_k
     if sampling.seed is not None:
-        body["seed"] = sampling.seed
-    return body
+        options["seed"] = sampling.seed
+    return options
 
 
 class ChatStream:
@@ -100,7 +108,7 @@ class ChatStream:
             if text := (choice.get("delta") or {}).get("content"):
                 events.append(TextDelta(text))
             if (reason := choice.get("finish_reason")) is not None:
-                self._finish = _finished(reason, choice.get("stop_reason"))
+                self._finish = openai_finish(reason, choice.get("stop_reason"))
         if usage := chunk.get("usage"):
             self._usage = (int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
         if self._finish is not None and self._usage is not None:
@@ -118,7 +126,7 @@ class ChatStream:
         return [dataclasses.replace(self._finish, prompt_tokens=prompt, completion_tokens=completion)]
 
 
-def _finished(reason: str, stop: object) -> Finished:
+def openai_finish(reason: str, stop: object) -> Finished:
     """`stop` (vLLM names the stop string it matched in `stop_reason`) or `length`;
     anything else ("tool_calls", "content_filter", "abort") is not a text completion,
     and passing it on as a short one would be a silent truncation."""

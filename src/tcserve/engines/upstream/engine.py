@@ -59,7 +59,14 @@ import httpx
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens, TextDelta
 from tcserve.core.transcript import Conversation, Turn
 from tcserve.engines.base import Admission, EngineStats, EngineStream, PromptFormat
-from tcserve.engines.upstream.chat import ChatStream, chat_body, chat_messages
+from tcserve.engines.upstream.chat import (
+    ChatStream,
+    ChatStreamError,
+    chat_body,
+    chat_messages,
+    openai_finish,
+    openai_options,
+)
 from tcserve.engines.upstream.messages import MessagesStream, messages_body, messages_headers, upstream_error
 from tcserve.errors import EngineFailure, EngineNotReady, InvalidRequest, ModelNotFound, Overloaded, TCServeError
 
@@ -85,7 +92,9 @@ T = TypeVar("T")
 class Replica:
     url: str
     up: bool = False
-    in_flight: int = 0
+    answering: set[httpx.Response] = field(default_factory=set)
+    """Its open streams: counted from their 200 until tcserve is done with them (httpx
+    closes a response itself once its body is read, so `is_closed` cannot tell)."""
     timeouts: int = 0
     """Health checks in a row that timed out."""
     streams: set[_Pump | _Call[Any]] = field(default_factory=set)
@@ -149,7 +158,7 @@ class UpstreamSettings:
     """The model name the upstream serves; `{model}` in it is the id the caller asked for."""
     urls: tuple[str, ...]
     """Replicas, e.g. http://gpu-1:8000."""
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     """Sent as `Authorization: Bearer` (`x-api-key` to a Messages upstream); never logged."""
     context_size: int | None
     """None: the upstream's max_model_len from its /v1/models."""
@@ -264,9 +273,7 @@ class UpstreamEngine:
                 except (httpx.HTTPError, _Retryable):
                     continue
                 if response.status_code == 200:
-                    body = response.json()
-                    self._counts_tokens = True
-                    return PromptTokens(int(body.get("count", len(body.get("tokens", [])))))
+                    return self._counted(response.json())
                 break
             else:
                 return PromptTokens(None)  # no replica answered: let the request itself fail or succeed
@@ -275,6 +282,18 @@ class UpstreamEngine:
             self._tokenize_route += 1  # this kind of server has no such route; try the next kind
         self._counts_tokens = False
         return PromptTokens(None)
+
+    def _counted(self, body: Any) -> PromptTokens:
+        """A tokenize route's answer. Every prompt has tokens: a count of 0 (or no count)
+        means the route did not read our field (llama-server's /tokenize reads `content`),
+        and a silent 0 would turn the context check and input limits off."""
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        count = body.get("count", len(tokens) if isinstance(tokens, list) else 0) if isinstance(body, dict) else 0
+        if not isinstance(count, int) or count <= 0:
+            self._counts_tokens = False
+            return PromptTokens(None)
+        self._counts_tokens = True
+        return PromptTokens(count)
 
     def _tokenize_payload(self, request: GenerationRequest, field: str) -> dict[str, Any]:
         model = self._model_for(request)
@@ -296,7 +315,8 @@ class UpstreamEngine:
             ]
         if self._counts_tokens is False:
             return [
-                "the upstream has no tokenize route (/tokenize or /extras/tokenize): prompts are not counted "
+                "the upstream cannot count prompts (no /tokenize or /extras/tokenize answered with a count): "
+                "prompts are not counted "
                 "before they are sent, so the context check is the upstream's and input-token limits are "
                 "charged from its usage figures after the request"
             ]
@@ -318,12 +338,12 @@ class UpstreamEngine:
         return EngineStream(self._events(request, replica, response), if_never_started=release)
 
     def stats(self) -> EngineStats:
-        running = sum(replica.in_flight for replica in self._replicas)
+        running = sum(len(replica.answering) for replica in self._replicas)
         return EngineStats(waiting=0, running=running, generated_tokens=self._generated)
 
     def replicas(self) -> dict[str, tuple[bool, int]]:
         """Each replica's (up, requests in flight), for logs and tests."""
-        return {replica.url: (replica.up, replica.in_flight) for replica in self._replicas}
+        return {replica.url: (replica.up, len(replica.answering)) for replica in self._replicas}
 
     async def aclose(self) -> None:
         if self._health is not None:
@@ -365,7 +385,7 @@ class UpstreamEngine:
             replica.up = False  # the health loop brings it back
             raise _Retryable(f"unreachable: {error!r}", overloaded=True) from None
         if response.status_code == 200:
-            replica.in_flight += 1
+            replica.answering.add(response)
             return response
         detail = (await response.aread()).decode("utf-8", errors="replace")
         await response.aclose()
@@ -402,15 +422,7 @@ class UpstreamEngine:
             "temperature": 0.0 if sampling.greedy else sampling.temperature,
             "stream": True,
         }
-        if stops:
-            body["stop"] = list(stops)
-            body["include_stop_str_in_output"] = True  # vLLM: the stop text reaches our matcher
-        if sampling.top_p is not None:
-            body["top_p"] = sampling.top_p
-        if sampling.top_k:
-            body["top_k"] = sampling.top_k
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
+        body.update(openai_options(sampling, stops))
         body["stream_options"] = {"include_usage": True}  # the usage figures, in a last chunk
         return body
 
@@ -522,9 +534,8 @@ class UpstreamEngine:
             replica.streams.discard(pending)
 
     async def _finish(self, replica: Replica, response: httpx.Response) -> None:
-        if not response.is_closed:
-            replica.in_flight -= 1
-            await response.aclose()  # closing the connection aborts the upstream request
+        replica.answering.discard(response)
+        await response.aclose()  # closing the connection aborts the upstream request (once)
 
     # -- replicas -------------------------------------------------------------------------
 
@@ -533,7 +544,7 @@ class UpstreamEngine:
         return next((r for r in candidates if r.up), None)
 
     def _by_load(self) -> list[Replica]:
-        return sorted(self._replicas, key=lambda replica: replica.in_flight)
+        return sorted(self._replicas, key=lambda replica: len(replica.answering))
 
     async def _health_loop(self) -> None:
         client = self._require_client()
@@ -600,14 +611,10 @@ def _finished(choice: dict[str, Any]) -> Finished | None:
     reason = choice.get("finish_reason")
     if reason is None:
         return None
-    if reason == "length":
-        return Finished("max_tokens")
-    if reason != "stop":
-        raise _Retryable(f"the upstream ended the request with finish_reason {reason!r}")
-    stop = choice.get("stop_reason")
-    if isinstance(stop, str):  # vLLM names the stop string it matched
-        return Finished("stop_sequence", stop=stop)
-    return Finished("end_of_sequence")
+    try:
+        return openai_finish(reason, choice.get("stop_reason"))  # vLLM names the stop it matched
+    except ChatStreamError as error:
+        raise _Retryable(str(error)) from None
 
 
 def _parsed(feed: Callable[[str], list[EngineEvent]], payload: str) -> list[EngineEvent]:
