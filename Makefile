@@ -1,6 +1,6 @@
 # make serve: create .venv, install tcserve, start it on the embedded model (ARGS="--port 9000" to add flags)
 # make test:  install the test dependencies (Python and node) and run the whole suite
-# make fuzz:  10,000+ schemathesis cases against the app's own OpenAPI document
+# make fuzz:  10,000+ schemathesis cases, 12,000 valid edge requests (twice each, via the SDK), a short real-model run
 # make bench: tcserve against llama-server and llama-cpp-python, one table (bench/README.md; ARGS="--quick")
 # make soak:  64 clients x 100 requests on the embedded model; nothing lost, mixed up or leaked
 
@@ -32,7 +32,7 @@ test: install-test tests/node/node_modules $(VLLM_VENV)/.installed chromium
 
 # More than 10,000 fuzzed requests (up to 4,000 per operation of the OpenAPI document).
 fuzz: install-test
-	FUZZ_EXAMPLES=4000 $(BIN)/python -m pytest -p no:cacheprovider -q -s tests/test_fuzz.py
+	FUZZ_EXAMPLES=4000 $(BIN)/python -m pytest -p no:cacheprovider -q -s --timeout 1800 tests/test_fuzz.py
 
 bench: install-bench
 	$(BIN)/python bench/run.py $(ARGS)
