@@ -203,6 +203,8 @@ class UpstreamEngine:
         self._tokenize_route = 0
         self._counts_tokens: bool | None = None
         """Whether a tokenize route answered; None until one request found out."""
+        self._prefill_by_chat = False
+        """A Messages upstream that is vLLM (see `_api_for`), found out at start."""
 
     # -- the Engine protocol ------------------------------------------------------------
 
@@ -235,6 +237,8 @@ class UpstreamEngine:
             self._context_size = await self._discover_context(client)
             if self._context_size is None:
                 await asyncio.sleep(self._config.health_interval)
+        if self._config.api == "messages":
+            self._prefill_by_chat = await self._serves_vllm(client)
         self._client = client
         self._health = asyncio.create_task(self._health_loop())
         log.info("upstream %s (%s API): %d replica(s), context %d", self._name, self._config.api,
@@ -247,8 +251,9 @@ class UpstreamEngine:
         the model's template), or llama-cpp-python's `/extras/tokenize`. An upstream
         with neither cannot be counted (count None, and `warnings` says so): its own
         length check and its usage figures stand in for ours; so is a Messages
-        upstream (Anthropic's count_tokens route is a billed-API call of its own, and
-        vLLM's Messages server has none). Only replicas that are up are asked: a
+        upstream (Anthropic's count_tokens route is an API call of its own, and vLLM's
+        counts the prompt as its /v1/messages renders it, which is not how a prefill is
+        sent there: see `_api_for`). Only replicas that are up are asked: a
         stuck one would hold the request for `read_timeout` before it is even sent."""
         client = self._require_client()
         if self._config.api == "messages":
@@ -350,7 +355,7 @@ class UpstreamEngine:
 
     async def _send(self, replica: Replica, request: GenerationRequest) -> httpx.Response:
         client = self._require_client()
-        url = f"{replica.url}{PATHS[self._config.api]}"
+        url = f"{replica.url}{PATHS[self._api_for(request)]}"
         http_request = client.build_request("POST", url, json=self._body(request))
         try:
             response = await self._call(replica, client.send(http_request, stream=True))
@@ -378,15 +383,26 @@ class UpstreamEngine:
             raise InvalidRequest(f"upstream rejected the request: {_error_message(detail)}")
         raise _Retryable(f"{status} {detail[:200]}")
 
+    def _api_for(self, request: GenerationRequest) -> Api:
+        """The API this request is sent to. vLLM's /v1/messages answers a final assistant
+        message instead of continuing it (it renders the template with
+        `add_generation_prompt` and has no `continue_final_message`), so on vLLM a prompt
+        with a prefill goes to the same replica's /v1/chat/completions, which continues it."""
+        conversation = request.conversation
+        if self._prefill_by_chat and conversation is not None and conversation.chat_turns()[1]:
+            return "chat"
+        return self._config.api
+
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         stops = request.stop_sequences[: self._config.stop_limit]
         conversation = request.conversation
-        if self._config.api != "completions" and conversation is None:
+        api = self._api_for(request)
+        if api != "completions" and conversation is None:
             raise InvalidRequest("this model needs a Human/Assistant transcript")  # the config forbids it
-        if self._config.api == "chat" and conversation is not None:
+        if api == "chat" and conversation is not None:
             return chat_body(self._model_for(request), conversation, max_tokens=request.max_tokens,
                              sampling=request.sampling, stop_sequences=stops)  # fmt: skip
-        if self._config.api == "messages" and conversation is not None:
+        if api == "messages" and conversation is not None:
             return messages_body(self._model_for(request), conversation, max_tokens=request.max_tokens,
                                  sampling=request.sampling, stop_sequences=stops, user_id=request.user_id)  # fmt: skip
         sampling = request.sampling
@@ -417,7 +433,7 @@ class UpstreamEngine:
         try:
             while True:
                 try:
-                    async with contextlib.aclosing(self._read(replica, response)) as events:
+                    async with contextlib.aclosing(self._read(request, replica, response)) as events:
                         async for event in events:
                             if isinstance(event, TextDelta) and event.text:
                                 produced += 1
@@ -439,10 +455,13 @@ class UpstreamEngine:
             await self._finish(replica, response)
             self._admission.release()
 
-    def _read(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
-        if self._config.api == "completions":
+    def _read(
+        self, request: GenerationRequest, replica: Replica, response: httpx.Response
+    ) -> AsyncGenerator[EngineEvent, None]:
+        api = self._api_for(request)
+        if api == "completions":
             return self._read_completions(replica, response)
-        return self._read_turns(replica, response, ChatStream() if self._config.api == "chat" else MessagesStream())
+        return self._read_turns(replica, response, ChatStream() if api == "chat" else MessagesStream())
 
     async def _read_turns(
         self, replica: Replica, response: httpx.Response, parser: ChatStream | MessagesStream
@@ -569,6 +588,16 @@ class UpstreamEngine:
             silent = now - pump.last_read
             if silent > self._config.health_interval:
                 pump.abort(f"replica {replica.url} is down and its stream has been silent for {silent:.1f} s")
+
+    async def _serves_vllm(self, client: httpx.AsyncClient) -> bool:
+        """Whether the upstream is vLLM: its /v1/models cards say `owned_by: "vllm"`
+        (Anthropic's say `type: "model"`). The first replica that answers decides."""
+        for replica in self._replicas:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                response = await client.get(f"{replica.url}/v1/models")
+                if response.status_code == 200:
+                    return any(card.get("owned_by") == "vllm" for card in response.json()["data"])
+        return False
 
     async def _discover_context(self, client: httpx.AsyncClient) -> int | None:
         for replica in self._replicas:
