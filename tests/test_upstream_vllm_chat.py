@@ -10,10 +10,11 @@ directly, so each test compares tcserve's completion with the upstream's.
 What vLLM does that the code had to learn: its /v1/messages renders the template
 with a generation prompt after a final assistant message (it has no
 `continue_final_message`), so a prefill there is answered, not continued; tcserve
-sends a prefill to the same replica's /v1/chat/completions instead. Its errors
-say `"type": "BadRequestError"`, not Anthropic's `invalid_request_error`, and it
-keeps a stop's text out of the Messages stream (it names the stop in
-`stop_sequence`), where its chat stream keeps it (`include_stop_str_in_output`).
+sends a prefill to the same replica's /v1/chat/completions instead, and counts a
+vLLM Messages upstream's prompts with /tokenize as it does a chat upstream's, so
+that an overflow is refused before anything is sent. vLLM keeps a stop's text out
+of the Messages stream (it names the stop in `stop_sequence`), where its chat
+stream keeps it (`include_stop_str_in_output`).
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ def test_the_prefill_is_continued(vllm: VllmServer, client: anthropic.Anthropic,
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_context_overflow_is_a_400_counted_on_the_rendered_prompt(
-    vllm: VllmServer, client: anthropic.Anthropic, stream: bool
+@pytest.mark.parametrize("api", APIS)
+def test_context_overflow_is_a_400_counted_on_the_rendered_prompt(
+    vllm: VllmServer, client: anthropic.Anthropic, api: str, stream: bool
 ) -> None:
     """tcserve counts the prompt with vLLM's /tokenize on the messages (the template adds
     tokens the raw transcript does not have) and refuses before anything is sent."""
@@ -213,21 +215,13 @@ def test_chat_context_overflow_is_a_400_counted_on_the_rendered_prompt(
         assert tokens != raw["count"]  # else this test could not tell the two counts apart
         since = _log_size(vllm)
         with pytest.raises(anthropic.BadRequestError) as budget:
-            greedy(client, "chat", prompt=prompt, max_tokens_to_sample=MAX_MODEL_LEN - tokens + 1, stream=stream)
+            greedy(client, api, prompt=prompt, max_tokens_to_sample=MAX_MODEL_LEN - tokens + 1, stream=stream)
         expected = f"{tokens} tokens + {MAX_MODEL_LEN - tokens + 1} max_tokens_to_sample > {MAX_MODEL_LEN} context"
         assert expected in budget.value.message
         assert _sent_to_vllm(vllm, since) == []
-    long_prompt = PROMPT.replace("France?", "France? " + "word " * 300)
+    long_question = f"{QUESTION} " + "word " * 300
+    long_tokens = len(_rendered(vllm, [{"role": "user", "content": long_question.strip()}], continues=False))
+    long_prompt = f"{anthropic.HUMAN_PROMPT} {long_question}{anthropic.AI_PROMPT}"
     with pytest.raises(anthropic.BadRequestError) as long:
-        greedy(client, "chat", prompt=long_prompt, stream=stream)
-    assert "prompt is too long" in long.value.message
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_messages_context_overflow_is_vllms_400_with_its_message(client: anthropic.Anthropic, stream: bool) -> None:
-    """A Messages upstream is not counted before sending: vLLM's own 400 is passed on."""
-    long_prompt = PROMPT.replace("France?", "France? " + "word " * 600)
-    with pytest.raises(anthropic.BadRequestError) as long:
-        greedy(client, "messages", prompt=long_prompt, stream=stream)
-    assert f"This model's maximum context length is {MAX_MODEL_LEN} tokens" in long.value.message
-    assert long.value.body["error"]["type"] == "invalid_request_error"
+        greedy(client, api, prompt=long_prompt, stream=stream)
+    assert f"prompt is too long: {long_tokens} tokens + {MAX_TOKENS} max_tokens_to_sample" in long.value.message

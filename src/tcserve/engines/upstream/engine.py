@@ -203,8 +203,9 @@ class UpstreamEngine:
         self._tokenize_route = 0
         self._counts_tokens: bool | None = None
         """Whether a tokenize route answered; None until one request found out."""
-        self._prefill_by_chat = False
-        """A Messages upstream that is vLLM (see `_api_for`), found out at start."""
+        self._on_vllm = False
+        """A Messages upstream that is vLLM, found out at start: it gets prefills by its
+        chat route (`_api_for`), and its prompts are counted like a chat upstream's."""
 
     # -- the Engine protocol ------------------------------------------------------------
 
@@ -238,7 +239,7 @@ class UpstreamEngine:
             if self._context_size is None:
                 await asyncio.sleep(self._config.health_interval)
         if self._config.api == "messages":
-            self._prefill_by_chat = await self._serves_vllm(client)
+            self._on_vllm = await self._serves_vllm(client)
         self._client = client
         self._health = asyncio.create_task(self._health_loop())
         log.info("upstream %s (%s API): %d replica(s), context %d", self._name, self._config.api,
@@ -250,16 +251,19 @@ class UpstreamEngine:
         `/tokenize` (for a chat upstream, with the messages, which vLLM renders with
         the model's template), or llama-cpp-python's `/extras/tokenize`. An upstream
         with neither cannot be counted (count None, and `warnings` says so): its own
-        length check and its usage figures stand in for ours; so is a Messages
-        upstream (Anthropic's count_tokens route is an API call of its own, and vLLM's
-        counts the prompt as its /v1/messages renders it, which is not how a prefill is
-        sent there: see `_api_for`). Only replicas that are up are asked: a
-        stuck one would hold the request for `read_timeout` before it is even sent."""
+        length check and its usage figures stand in for ours; so is Anthropic's
+        Messages API (its count_tokens route is an API call of its own). vLLM's
+        Messages server is counted with its /tokenize, as a chat upstream: its
+        /v1/messages renders the same messages with the same template (its own
+        count_tokens route would count a prefill as /v1/messages renders it, which is
+        not how tcserve sends one there: see `_api_for`). Only replicas that are up are
+        asked: a stuck one would hold the request for `read_timeout` before it is even
+        sent."""
         client = self._require_client()
-        if self._config.api == "messages":
+        if self._config.api == "messages" and not self._on_vllm:
             self._counts_tokens = False
             return PromptTokens(None)
-        routes = TOKENIZE_ROUTES[:1] if self._config.api == "chat" else TOKENIZE_ROUTES
+        routes = TOKENIZE_ROUTES[:1] if self._config.api != "completions" else TOKENIZE_ROUTES
         while self._tokenize_route < len(routes):
             path, field = routes[self._tokenize_route]
             payload = self._tokenize_payload(request, field)
@@ -283,7 +287,7 @@ class UpstreamEngine:
 
     def _tokenize_payload(self, request: GenerationRequest, field: str) -> dict[str, Any]:
         model = self._model_for(request)
-        if self._config.api != "chat" or request.conversation is None:
+        if self._config.api == "completions" or request.conversation is None:
             return {"model": model, field: request.prompt}
         continues = bool(request.conversation.chat_turns()[1])
         return {"model": model, "messages": chat_messages(request.conversation),
@@ -389,7 +393,7 @@ class UpstreamEngine:
         `add_generation_prompt` and has no `continue_final_message`), so on vLLM a prompt
         with a prefill goes to the same replica's /v1/chat/completions, which continues it."""
         conversation = request.conversation
-        if self._prefill_by_chat and conversation is not None and conversation.chat_turns()[1]:
+        if self._on_vllm and conversation is not None and conversation.chat_turns()[1]:
             return "chat"
         return self._config.api
 
