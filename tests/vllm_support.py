@@ -72,6 +72,14 @@ Numbers help us count and measure: one, two, three, four, five, six, seven, eigh
 ten, eleven, twelve, twenty, thirty, forty, fifty, a hundred, a thousand, a million.
 The days of the week are Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday.
 """
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML, for vLLM's chat and Messages APIs. Its markers are plain text to the tokenizer
+(no special tokens are added), so the vocabulary, the weights and what the completions
+tests see are unchanged."""
 
 
 # -- the tiny model (runs inside the vLLM venv) ------------------------------------------
@@ -123,6 +131,7 @@ def _build(directory: Path) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, unk_token=unk, model_max_length=MAX_MODEL_LEN
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
 
     torch.manual_seed(SEED)

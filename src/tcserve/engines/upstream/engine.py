@@ -212,6 +212,9 @@ class UpstreamEngine:
         self._tokenize_route = 0
         self._counts_tokens: bool | None = None
         """Whether a tokenize route answered; None until one request found out."""
+        self._on_vllm = False
+        """A Messages upstream that is vLLM, found out at start: it gets prefills by its
+        chat route (`_api_for`), and its prompts are counted like a chat upstream's."""
 
     # -- the Engine protocol ------------------------------------------------------------
 
@@ -244,6 +247,8 @@ class UpstreamEngine:
             self._context_size = await self._discover_context(client)
             if self._context_size is None:
                 await asyncio.sleep(self._config.health_interval)
+        if self._config.api == "messages":
+            self._on_vllm = await self._serves_vllm(client)
         self._client = client
         self._health = asyncio.create_task(self._health_loop())
         log.info("upstream %s (%s API): %d replica(s), context %d", self._name, self._config.api,
@@ -255,15 +260,19 @@ class UpstreamEngine:
         `/tokenize` (for a chat upstream, with the messages, which vLLM renders with
         the model's template), or llama-cpp-python's `/extras/tokenize`. An upstream
         with neither cannot be counted (count None, and `warnings` says so): its own
-        length check and its usage figures stand in for ours; so is a Messages
-        upstream (Anthropic's count_tokens route is a billed-API call of its own, and
-        vLLM's Messages server has none). Only replicas that are up are asked: a
-        stuck one would hold the request for `read_timeout` before it is even sent."""
+        length check and its usage figures stand in for ours; so is Anthropic's
+        Messages API (its count_tokens route is an API call of its own). vLLM's
+        Messages server is counted with its /tokenize, as a chat upstream: its
+        /v1/messages renders the same messages with the same template (its own
+        count_tokens route would count a prefill as /v1/messages renders it, which is
+        not how tcserve sends one there: see `_api_for`). Only replicas that are up are
+        asked: a stuck one would hold the request for `read_timeout` before it is even
+        sent."""
         client = self._require_client()
-        if self._config.api == "messages":
+        if self._config.api == "messages" and not self._on_vllm:
             self._counts_tokens = False
             return PromptTokens(None)
-        routes = TOKENIZE_ROUTES[:1] if self._config.api == "chat" else TOKENIZE_ROUTES
+        routes = TOKENIZE_ROUTES[:1] if self._config.api != "completions" else TOKENIZE_ROUTES
         while self._tokenize_route < len(routes):
             path, field = routes[self._tokenize_route]
             payload = self._tokenize_payload(request, field)
@@ -297,7 +306,7 @@ class UpstreamEngine:
 
     def _tokenize_payload(self, request: GenerationRequest, field: str) -> dict[str, Any]:
         model = self._model_for(request)
-        if self._config.api != "chat" or request.conversation is None:
+        if self._config.api == "completions" or request.conversation is None:
             return {"model": model, field: request.prompt}
         continues = bool(request.conversation.chat_turns()[1])
         return {"model": model, "messages": chat_messages(request.conversation),
@@ -375,7 +384,7 @@ class UpstreamEngine:
 
     async def _send(self, replica: Replica, request: GenerationRequest) -> httpx.Response:
         client = self._require_client()
-        url = f"{replica.url}{PATHS[self._config.api]}"
+        url = f"{replica.url}{PATHS[self._api_for(request)]}"
         http_request = client.build_request("POST", url, json=self._body(request))
         try:
             response = await self._call(replica, client.send(http_request, stream=True))
@@ -403,15 +412,26 @@ class UpstreamEngine:
             raise InvalidRequest(f"upstream rejected the request: {_error_message(detail)}")
         raise _Retryable(f"{status} {detail[:200]}")
 
+    def _api_for(self, request: GenerationRequest) -> Api:
+        """The API this request is sent to. vLLM's /v1/messages answers a final assistant
+        message instead of continuing it (it renders the template with
+        `add_generation_prompt` and has no `continue_final_message`), so on vLLM a prompt
+        with a prefill goes to the same replica's /v1/chat/completions, which continues it."""
+        conversation = request.conversation
+        if self._on_vllm and conversation is not None and conversation.chat_turns()[1]:
+            return "chat"
+        return self._config.api
+
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         stops = request.stop_sequences[: self._config.stop_limit]
         conversation = request.conversation
-        if self._config.api != "completions" and conversation is None:
+        api = self._api_for(request)
+        if api != "completions" and conversation is None:
             raise InvalidRequest("this model needs a Human/Assistant transcript")  # the config forbids it
-        if self._config.api == "chat" and conversation is not None:
+        if api == "chat" and conversation is not None:
             return chat_body(self._model_for(request), conversation, max_tokens=request.max_tokens,
                              sampling=request.sampling, stop_sequences=stops)  # fmt: skip
-        if self._config.api == "messages" and conversation is not None:
+        if api == "messages" and conversation is not None:
             return messages_body(self._model_for(request), conversation, max_tokens=request.max_tokens,
                                  sampling=request.sampling, stop_sequences=stops, user_id=request.user_id)  # fmt: skip
         sampling = request.sampling
@@ -434,7 +454,7 @@ class UpstreamEngine:
         try:
             while True:
                 try:
-                    async with contextlib.aclosing(self._read(replica, response)) as events:
+                    async with contextlib.aclosing(self._read(request, replica, response)) as events:
                         async for event in events:
                             if isinstance(event, TextDelta) and event.text:
                                 produced += 1
@@ -456,10 +476,13 @@ class UpstreamEngine:
             await self._finish(replica, response)
             self._admission.release()
 
-    def _read(self, replica: Replica, response: httpx.Response) -> AsyncGenerator[EngineEvent, None]:
-        if self._config.api == "completions":
+    def _read(
+        self, request: GenerationRequest, replica: Replica, response: httpx.Response
+    ) -> AsyncGenerator[EngineEvent, None]:
+        api = self._api_for(request)
+        if api == "completions":
             return self._read_completions(replica, response)
-        return self._read_turns(replica, response, ChatStream() if self._config.api == "chat" else MessagesStream())
+        return self._read_turns(replica, response, ChatStream() if api == "chat" else MessagesStream())
 
     async def _read_turns(
         self, replica: Replica, response: httpx.Response, parser: ChatStream | MessagesStream
@@ -585,6 +608,16 @@ class UpstreamEngine:
             silent = now - pump.last_read
             if silent > self._config.health_interval:
                 pump.abort(f"replica {replica.url} is down and its stream has been silent for {silent:.1f} s")
+
+    async def _serves_vllm(self, client: httpx.AsyncClient) -> bool:
+        """Whether the upstream is vLLM: its /v1/models cards say `owned_by: "vllm"`
+        (Anthropic's say `type: "model"`). The first replica that answers decides."""
+        for replica in self._replicas:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                response = await client.get(f"{replica.url}/v1/models")
+                if response.status_code == 200:
+                    return any(card.get("owned_by") == "vllm" for card in response.json()["data"])
+        return False
 
     async def _discover_context(self, client: httpx.AsyncClient) -> int | None:
         for replica in self._replicas:
