@@ -42,8 +42,9 @@ def base_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def client(base_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=base_url, api_key=KEY, max_retries=0)
+def client(base_url: str) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=base_url, api_key=KEY, max_retries=0) as client:
+        yield client
 
 
 def greedy(client: anthropic.Anthropic, **overrides: object) -> anthropic.types.Completion:
@@ -135,8 +136,10 @@ def test_bad_request_and_auth_errors(client: anthropic.Anthropic, base_url: str)
     with pytest.raises(anthropic.BadRequestError) as too_long:
         greedy(client, max_tokens_to_sample=5000)
     assert "max_tokens_to_sample > 2048 context" in too_long.value.message
-    stranger = anthropic.Anthropic(base_url=base_url, api_key="sk-wrong", max_retries=0)
-    with pytest.raises(anthropic.AuthenticationError) as denied:
+    with (
+        anthropic.Anthropic(base_url=base_url, api_key="sk-wrong", max_retries=0) as stranger,
+        pytest.raises(anthropic.AuthenticationError) as denied,
+    ):
         greedy(stranger)
     assert denied.value.request_id is not None
 
@@ -231,7 +234,7 @@ def test_overload_is_an_sdk_overloaded_error_with_retry_after(one_slot: tuple[st
             _hold(holder, url)
             waiting = _stream(outer, url)  # takes the one place in the queue
             assert next(waiting) == "event: ping"
-            client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+            client = outer.enter_context(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0))
             with pytest.raises(anthropic.OverloadedError) as caught:
                 greedy(client)
             assert caught.value.response.headers["retry-after"] == "1"
@@ -248,7 +251,8 @@ def test_a_client_that_hangs_up_frees_its_slot(one_slot: tuple[str, Any]) -> Non
         _hold(holder, url)
         assert engine.stats().running == 1
     _idle(engine)
-    assert greedy(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)).completion
+    with anthropic.Anthropic(base_url=url, api_key="none", max_retries=0) as client:
+        assert greedy(client).completion
 
 
 def test_a_hundred_abandoned_streams_leave_no_slot_busy(one_slot: tuple[str, Any]) -> None:
@@ -259,7 +263,8 @@ def test_a_hundred_abandoned_streams_leave_no_slot_busy(one_slot: tuple[str, Any
             assert next(lines).startswith("event: ")  # it started (a ping or the first text); then hang up
     _idle(engine)
     assert engine.stats().running == 0 and engine.stats().waiting == 0
-    assert greedy(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)).completion  # still serving
+    with anthropic.Anthropic(base_url=url, api_key="none", max_retries=0) as client:
+        assert greedy(client).completion  # still serving
 
 
 @pytest.mark.parametrize("model", ["claude-2.1", "claude-instant-1.2"])

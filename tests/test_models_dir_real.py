@@ -37,8 +37,7 @@ def test_two_gguf_files_loaded_on_demand_within_a_budget(tmp_path: Path) -> None
     # The configured default is a fake kept for ever: room for one Gemma beside it.
     options = settings(models_dir=models, max_loaded_models=2, ctx_size=512, parallel=2)
     app = create_app(options, [fake_model(name="base")])
-    with serve_app(app) as url:
-        client = anthropic.Anthropic(base_url=url, api_key="any", max_retries=0)
+    with serve_app(app) as url, anthropic.Anthropic(base_url=url, api_key="any", max_retries=0) as client:
         assert loaded(url) == {"alpha": False, "beta": False}
         first = client.completions.create(model="alpha", prompt=PROMPT, max_tokens_to_sample=16, temperature=0)
         assert first.completion.strip() and first.model == "alpha"

@@ -180,8 +180,8 @@ def _record_output(page: Page) -> None:
 
 
 def _greedy(served: Served, **body: Any) -> anthropic.types.Completion:
-    client = anthropic.Anthropic(base_url=served.url, api_key="any", max_retries=0)
-    return client.completions.create(model=served.model, temperature=0, **body)
+    with anthropic.Anthropic(base_url=served.url, api_key="any", max_retries=0) as client:
+        return client.completions.create(model=served.model, temperature=0, **body)
 
 
 @pytest.mark.browser

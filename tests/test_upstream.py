@@ -112,7 +112,8 @@ def tcserve(upstreams: list[Upstream]) -> Iterator[tuple[anthropic.Anthropic, An
     app, _ = _tcserve(upstreams)
     with serve_app(app) as url:
         _wait_replicas_up(app, len(upstreams))
-        yield anthropic.Anthropic(base_url=url, api_key="none", max_retries=0), app
+        with anthropic.Anthropic(base_url=url, api_key="none", max_retries=0) as client:
+            yield client, app
 
 
 def _engine(app: Any) -> Any:
@@ -210,7 +211,7 @@ def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_err
     with serve_app(app) as url, ExitStack() as stack:
         _wait_replicas_up(app, 2)
         # A request sent to the stuck replica would wait an hour: fail in 2 minutes instead.
-        client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0, timeout=120)
+        client = stack.enter_context(anthropic.Anthropic(base_url=url, api_key="none", max_retries=0, timeout=120))
         stream = stack.enter_context(greedy(client, prompt=COUNTING, max_tokens_to_sample=500, stream=True))
         events = iter(stream)
         assert next(events).completion is not None
@@ -235,11 +236,10 @@ def test_a_stuck_replica_gets_no_new_work_and_its_silent_stream_ends_with_an_err
 def test_every_replica_down_is_529_with_retry_after(upstreams: list[Upstream]) -> None:
     _revive(upstreams)
     app, _ = _tcserve(upstreams)
-    with serve_app(app) as url:
+    with serve_app(app) as url, anthropic.Anthropic(base_url=url, api_key="none", max_retries=0) as client:
         _wait_replicas_up(app, 2)
         for upstream in upstreams:
             upstream.kill()
-        client = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
         with pytest.raises(anthropic.OverloadedError) as caught:
             greedy(client, stream=True)
         assert float(caught.value.response.headers["retry-after"]) >= 1
