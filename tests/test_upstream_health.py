@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -65,6 +65,15 @@ class Replica:
             self.busy -= 1
 
 
+def scripted_engine(urls: list[str], serve: Callable[[httpx.Request], Any]) -> UpstreamEngine:
+    """An upstream engine whose replicas are `serve` (read_timeout an hour: only the health check ends a hang)."""
+    model = UpstreamModel.model_validate({
+        "name": "m", "engine": "upstream", "urls": urls, "context_size": 512,
+        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
+    })  # fmt: skip
+    return UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(serve))
+
+
 async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException | None]:
     events, error, _ = await generate_counted(replica)
     return events, error
@@ -72,11 +81,7 @@ async def generate(replica: Replica) -> tuple[list[EngineEvent], BaseException |
 
 async def generate_counted(replica: Replica) -> tuple[list[EngineEvent], BaseException | None, int]:
     """The events, the error that ended them, and the requests still counted in flight after."""
-    model = UpstreamModel.model_validate({
-        "name": "m", "engine": "upstream", "urls": [URL], "context_size": 512,
-        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
-    })  # fmt: skip
-    engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(replica))
+    engine = scripted_engine([URL], replica)
     await engine.start()
     events: list[EngineEvent] = []
     try:
@@ -190,11 +195,7 @@ async def test_a_new_request_is_never_sent_to_a_replica_that_went_silent() -> No
         yield chunk(" there", "length")
         yield b"data: [DONE]\n\n"
 
-    model = UpstreamModel.model_validate({
-        "name": "m", "engine": "upstream", "urls": [STUCK, HEALTHY], "context_size": 512,
-        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
-    })  # fmt: skip
-    engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(serve))
+    engine = scripted_engine([STUCK, HEALTHY], serve)
     await engine.start()
     try:
         await wait_up(engine, 2)
@@ -255,11 +256,7 @@ async def test_a_replica_that_goes_silent_once_picked_does_not_hold_the_request(
         body = chunk(" Hi") + chunk(" there", "length") + b"data: [DONE]\n\n"
         return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
 
-    model = UpstreamModel.model_validate({
-        "name": "m", "engine": "upstream", "urls": [STUCK, HEALTHY], "context_size": 512,
-        "health_interval": 0.1, "connect_timeout": 0.3, "read_timeout": 3600,
-    })  # fmt: skip
-    engine = UpstreamEngine(upstream_settings(model), transport=httpx.MockTransport(serve))
+    engine = scripted_engine([STUCK, HEALTHY], serve)
     await engine.start()
     armed.set()
     never = asyncio.Event()  # nothing is off limits here: the guard alone fails a hang

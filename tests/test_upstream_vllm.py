@@ -22,7 +22,6 @@ fails the run until the xfail mark is removed.
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import threading
@@ -116,19 +115,8 @@ def _vllm_count(vllm: VllmServer, text: str) -> int:
     return int(response.json()["count"])
 
 
-def _log_size(vllm: VllmServer) -> int:
-    return vllm.log_path.stat().st_size
-
-
 def _sent_to_vllm(vllm: VllmServer, since: int) -> list[tuple[list[str], bool]]:
-    """(stop, include_stop_str_in_output) of each completion vLLM received since log offset `since`."""
-    with vllm.log_path.open("rb") as log:
-        log.seek(since)
-        text = log.read().decode(errors="replace")
-    found = re.findall(
-        r"Received request cmpl-.*?stop=(\[.*?\]), stop_token_ids.*?include_stop_str_in_output=(\w+)", text
-    )
-    return [(ast.literal_eval(stops), include == "True") for stops, include in found]
+    return vllm.stops_received(since, "cmpl")
 
 
 def test_the_context_comes_from_vllm(vllm: VllmServer, tcserve: tuple[anthropic.Anthropic, Any]) -> None:
@@ -168,7 +156,7 @@ def test_vllm_keeps_and_names_the_stop(vllm: VllmServer, raw: str) -> None:
 
 def test_a_stop_sequence_vllm_stops_at(vllm: VllmServer, raw: str, tcserve: tuple[anthropic.Anthropic, Any]) -> None:
     client, _ = tcserve
-    since = _log_size(vllm)
+    since = vllm.log_size()
     stopped = greedy(client, stop_sequences=[LATER_STOP, STOP])
     assert (stopped.stop_reason, stopped.stop) == ("stop_sequence", STOP)
     assert stopped.completion == raw[: raw.index(STOP)]
@@ -208,7 +196,7 @@ def test_context_overflow_is_a_400_counted_by_vllm(
 def test_stops_beyond_stop_limit_are_enforced_by_tcserve(vllm: VllmServer, raw: str) -> None:
     """stop_limit = 1 sends vLLM only the built-in "\\n\\nHuman:"; the user's stop is tcserve's alone."""
     app = _app(vllm, stop_limit=1)
-    since = _log_size(vllm)
+    since = vllm.log_size()
     with serve_app(app) as url, _client(url) as client:
         stopped = greedy(client, stop_sequences=[STOP])
         events = list(greedy(client, stop_sequences=[STOP], stream=True))

@@ -19,7 +19,6 @@ stream keeps it (`include_stop_str_in_output`).
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -119,19 +118,8 @@ def greedy(client: anthropic.Anthropic, api: str, **overrides: Any) -> Any:
     return client.completions.create(**params)
 
 
-def _log_size(vllm: VllmServer) -> int:
-    return vllm.log_path.stat().st_size
-
-
 def _sent_to_vllm(vllm: VllmServer, since: int) -> list[tuple[list[str], bool]]:
-    """(stop, include_stop_str_in_output) of each chat or Messages request vLLM received since `since`."""
-    with vllm.log_path.open("rb") as log:
-        log.seek(since)
-        text = log.read().decode(errors="replace")
-    found = re.findall(
-        r"Received request chatcmpl-.*?stop=(\[.*?\]), stop_token_ids.*?include_stop_str_in_output=(\w+)", text
-    )
-    return [(ast.literal_eval(sent), include == "True") for sent, include in found]
+    return vllm.stops_received(since, "chatcmpl")
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -149,7 +137,7 @@ def test_a_stop_sequence_vllm_stops_at(
     vllm: VllmServer, client: anthropic.Anthropic, answer: str, stops: tuple[str, str], api: str
 ) -> None:
     stop, later = stops
-    since = _log_size(vllm)
+    since = vllm.log_size()
     stopped = greedy(client, api, stop_sequences=[later, stop])
     assert (stopped.completion, stopped.stop_reason, stopped.stop) == (answer[: answer.index(stop)], "stop_sequence",
                                                                         stop)  # fmt: skip
@@ -167,7 +155,7 @@ def test_stops_beyond_stop_limit_are_enforced_by_tcserve(
     """stop_limit = 1 sends vLLM only the built-in "\\n\\nHuman:"; the user's stop is tcserve's alone."""
     stop, _ = stops
     app = create_app(settings(), [_model(vllm, api, stop_limit=1)])
-    since = _log_size(vllm)
+    since = vllm.log_size()
     with serve_app(app) as url, anthropic.Anthropic(base_url=url, api_key="none", max_retries=0) as own:
         stopped = greedy(own, api, stop_sequences=[stop])
         events = list(greedy(own, api, stop_sequences=[stop], stream=True))
@@ -213,7 +201,7 @@ def test_context_overflow_is_a_400_counted_on_the_rendered_prompt(
         tokens = len(_rendered(vllm, messages, continues=continues))
         raw = httpx.post(f"{vllm.url}/tokenize", json={"model": SERVED_NAME, "prompt": prompt}, timeout=30).json()
         assert tokens != raw["count"]  # else this test could not tell the two counts apart
-        since = _log_size(vllm)
+        since = vllm.log_size()
         with pytest.raises(anthropic.BadRequestError) as budget:
             greedy(client, api, prompt=prompt, max_tokens_to_sample=MAX_MODEL_LEN - tokens + 1, stream=stream)
         expected = f"{tokens} tokens + {MAX_MODEL_LEN - tokens + 1} max_tokens_to_sample > {MAX_MODEL_LEN} context"

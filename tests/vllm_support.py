@@ -18,9 +18,11 @@ This module imports only the standard library, so the main test venv can import 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -337,6 +339,20 @@ class VllmServer:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def log_size(self) -> int:
+        """Where the log ends now: what a test sends next is logged after this offset."""
+        return self.log_path.stat().st_size
+
+    def stops_received(self, since: int, kind: str) -> list[tuple[list[str], bool]]:
+        """(stop, include_stop_str_in_output) of each request vLLM logged since offset
+        `since`; `kind` is the request id's prefix (`cmpl` completions, `chatcmpl` chat
+        and Messages)."""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        pattern = rf"Received request {kind}-.*?stop=(\[.*?\]), stop_token_ids.*?include_stop_str_in_output=(\w+)"
+        return [(ast.literal_eval(sent), include == "True") for sent, include in re.findall(pattern, text)]
 
     def post(self, path: str, body: dict[str, object], timeout: float = 60) -> dict[str, object]:
         """POST JSON to the server and return the JSON answer (for checks by hand)."""
