@@ -98,7 +98,14 @@ class FakeModelError(AssertionError):
 
 
 class FakeModel:
-    def __init__(self, *, slots: int, slot_context: int = 64, next_token: NextToken = hashed) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int,
+        slot_context: int = 64,
+        next_token: NextToken = hashed,
+        step_seconds: Callable[[int], float] = lambda rows: 0.01,
+    ) -> None:
         self.vocab = FakeVocab()
         self.slot_context = slot_context
         self.batch = FakeBatch()
@@ -111,10 +118,14 @@ class FakeModel:
         """A status for the next `decode` to return (nothing is computed then); 0: succeed."""
         self._next_token = next_token
         self._rows: dict[int, npt.NDArray[np.float32]] = {}
+        self._step_seconds = step_seconds
+        self.seconds = 0.0
+        """A clock that each `decode` advances by `step_seconds(rows)`: what the step cost."""
 
     def decode(self) -> int:
         entries = list(self.batch.entries)
         self.decoded.append(entries)
+        self.seconds += self._step_seconds(len(entries))
         self._rows = {}
         if status := self.fail_next:
             self.fail_next = 0

@@ -277,3 +277,31 @@ def test_text_completions_era_ids_are_served_by_the_default_model(client: anthro
         events = list(stream)
     assert {event.model for event in events} == {model}
     assert "".join(event.completion for event in events) == completion.completion  # greedy: the same text
+
+
+QUOTE = (
+    f"{anthropic.HUMAN_PROMPT} Copy the following paragraph word for word:\n\nThe committee met on Tuesday to review"
+    " the budget for the new library. After a long discussion, the members agreed to fund the children's section,"
+    f" the reading room and the archive.{anthropic.AI_PROMPT} Here is the paragraph:\n\n"
+)
+
+
+def speculation_counts(base_url: str) -> tuple[float, float]:
+    """(drafted, accepted) tokens from /metrics."""
+    values = {}
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        name, _, value = line.partition("{")[0], None, line.rpartition(" ")[2]
+        if name in ("tcserve_speculative_drafted_tokens_total", "tcserve_speculative_accepted_tokens_total"):
+            values[name] = float(value)
+    return values["tcserve_speculative_drafted_tokens_total"], values["tcserve_speculative_accepted_tokens_total"]
+
+
+def test_a_quoting_answer_is_speculated_and_streams_its_whole_text(client: anthropic.Anthropic, base_url: str) -> None:
+    drafted, accepted = speculation_counts(base_url)
+    whole = greedy(client, prompt=QUOTE, max_tokens_to_sample=48)
+    assert "reading room" in whole.completion  # the model quotes, so the drafts from the prompt are right
+    streamed = "".join(e.completion for e in greedy(client, prompt=QUOTE, max_tokens_to_sample=48, stream=True))
+    assert streamed == whole.completion
+    drafted_after, accepted_after = speculation_counts(base_url)
+    assert accepted_after - accepted > 20
+    assert drafted_after - drafted >= accepted_after - accepted

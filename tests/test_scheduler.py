@@ -10,7 +10,7 @@ and the generated tokens, whatever was reused or copied.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -43,16 +43,18 @@ class Harness:
         slot_context: int = 64,
         prefill_budget: int = 4 * CHUNK,
         next_token: NextToken = hashed,
+        step_seconds: Callable[[int], float] = lambda rows: 0.01,
         **options: Any,
     ) -> None:
-        self.model = FakeModel(slots=slots, slot_context=slot_context, next_token=next_token)
+        self.model = FakeModel(slots=slots, slot_context=slot_context, next_token=next_token, step_seconds=step_seconds)
         self.handoffs: list[list[tuple[Job, Outcome]]] = []
         self.scheduler = Scheduler(
-            self.model, self.handoffs.append, slots=slots, chunk=CHUNK, prefill_budget=prefill_budget, **options
-        )
+            self.model, self.handoffs.append, slots=slots, chunk=CHUNK, prefill_budget=prefill_budget,
+            clock=lambda: self.model.seconds, **options,
+        )  # fmt: skip
 
-    def submit(self, prompt: str, max_tokens: int = 6) -> Job:
-        job = Job(GenerationRequest("req_test", prompt, max_tokens, GREEDY), Sampler(GREEDY), channel=None)
+    def submit(self, prompt: str, max_tokens: int = 6, sampling: SamplingParams = GREEDY) -> Job:
+        job = Job(GenerationRequest("req_test", prompt, max_tokens, sampling), Sampler(sampling), channel=None)
         self.scheduler.submit(job)
         return job
 

@@ -84,6 +84,11 @@ class LlamaCppModel(_ModelBase):
     reuse_generated: bool = Field(
         False, description="Reuse cached generated tokens too: faster follow-up turns, greedy text may vary."
     )
+    speculative: bool = Field(
+        True,
+        description="Speculative decoding of greedy requests from n-grams of the prompt and the text so far, when"
+        " the measured step costs say it pays.",
+    )
     prompt_format: Literal["auto", "raw", "chat"] = Field(
         "auto",
         description="How a transcript is fed: chat renders it with the model's chat template, raw feeds the"
@@ -275,6 +280,13 @@ class Settings(BaseSettings):
         description="do not reuse the cache of a shared prompt prefix (for benchmarks)",
         json_schema_extra=cli("--no-prefix-cache", const=False, default="reuse on"),
     )
+    speculative: bool | None = Field(
+        None,
+        description="do not speculate: by default a greedy request (temperature 0) drafts tokens from n-grams of "
+        "its prompt and text so far and verifies them in the batch, when the measured step costs say it pays "
+        "(the text is the same greedy text); sampled requests never speculate",
+        json_schema_extra=cli("--no-speculative", const=False, default="speculation on"),
+    )
     models_dir: Path | None = Field(
         None,
         description="also serve every *.gguf file of this folder, loaded on its first request, under its file "
@@ -431,6 +443,7 @@ def engine_flags(settings: Settings) -> dict[str, object]:
         "prefix_cache": settings.prefix_cache,
         "prefill_budget": settings.prefill_budget,
         "reuse_generated": settings.reuse_generated,
+        "speculative": settings.speculative,
     }
     return {name: value for name, value in flags.items() if value is not None}
 

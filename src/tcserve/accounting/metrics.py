@@ -1,6 +1,6 @@
 """What /metrics shows, in Prometheus' terms: queue depth, running sequences,
-tokens/s, time to first token, the prompt and generated tokens of requests, and
-which models are loaded (loads, unloads, load seconds).
+tokens/s, speculative decoding's drafted and accepted tokens, time to first token,
+the prompt and generated tokens of requests, and which models are loaded (loads, unloads, load seconds).
 
 Engine gauges are read from each engine's `stats()` when scraped; tokens/s is
 the rate of the engines' own generated-token counters over the last
@@ -97,13 +97,24 @@ class _EngineCollector(Collector):
             f"Generated tokens/s over the last {RATE_WINDOW:.0f} s.",
             labels=["model"],
         )
+        drafted = CounterMetricFamily(
+            "tcserve_speculative_drafted_tokens",
+            "Drafted tokens that speculative decoding verified (greedy requests on llama.cpp models).",
+            labels=["model"],
+        )
+        accepted = CounterMetricFamily(
+            "tcserve_speculative_accepted_tokens", "Of those drafted tokens, the ones the model agreed with.",
+            labels=["model"],
+        )  # fmt: skip
         engines = self._metrics._engines
         for name, engine in engines.by_name.items():
             stats = engine.stats()
             waiting.add_metric([name], stats.waiting)
             running.add_metric([name], stats.running)
             rate.add_metric([name], self._metrics.tokens_per_second(name))
-        yield from (waiting, running, rate)
+            drafted.add_metric([name], stats.drafted_tokens)
+            accepted.add_metric([name], stats.accepted_tokens)
+        yield from (waiting, running, rate, drafted, accepted)
         yield from _load_metrics(engines)
 
 

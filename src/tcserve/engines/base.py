@@ -32,6 +32,10 @@ class EngineStats:
     """Sequences being prefilled or generated."""
     generated_tokens: int
     """Tokens generated since start (a counter)."""
+    drafted_tokens: int = 0
+    """Speculative drafted tokens verified since start (a counter; engines that do not speculate: 0)."""
+    accepted_tokens: int = 0
+    """Of those, the ones the model agreed with."""
 
 
 class Engine(Protocol):

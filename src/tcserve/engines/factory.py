@@ -40,6 +40,7 @@ def build_engine(model: ServedModel) -> Engine:
             prefix_cache=model.prefix_cache,
             prefill_budget=model.prefill_budget,
             reuse_generated=model.reuse_generated,
+            speculative=model.speculative,
             # A raw model has no conversation to render: auto means raw there.
             prompt_format=model.prompt_format if model.check_transcript else "raw",
             chat_template=chat_template_text(model),

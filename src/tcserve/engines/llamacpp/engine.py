@@ -61,6 +61,9 @@ class LlamaCppSettings:
     steps for long prompts under load. 256 measured best at 16 concurrent clients
     (README, "Batching")."""
     reuse_generated: bool
+    speculative: bool = True
+    """Greedy requests verify n-gram drafts when the measured step costs say it pays
+    (`speculation.py`)."""
     prompt_format: Literal["auto", "raw", "chat"] = "auto"
     """auto: chat when the GGUF carries `tokenizer.chat_template` (or `chat_template`
     is set), raw otherwise."""
@@ -118,8 +121,13 @@ class LlamaCppEngine:
         scheduler = Scheduler(
             model, self._deliver, slots=self._params.slots, chunk=PREFILL_CHUNK,
             prefill_budget=self._prefill_budget, prefix_cache=self._prefix_cache,
-            reuse_generated=self._reuse_generated,
+            reuse_generated=self._reuse_generated, speculative=self._settings.speculative,
         )  # fmt: skip
+        try:
+            await asyncio.to_thread(scheduler.calibrate)  # before the worker thread owns the context
+        except BaseException:
+            model.close()
+            raise
         self._thread = threading.Thread(target=scheduler.run, name="llamacpp-scheduler", daemon=True)
         self._model, self._scheduler = model, scheduler
         self._thread.start()
@@ -167,7 +175,10 @@ class LlamaCppEngine:
         if self._scheduler is None:
             return EngineStats(waiting=0, running=0, generated_tokens=0)
         stats = self._scheduler.stats
-        return EngineStats(waiting=stats.waiting, running=stats.running, generated_tokens=stats.generated_tokens)
+        return EngineStats(
+            waiting=stats.waiting, running=stats.running, generated_tokens=stats.generated_tokens,
+            drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens,
+        )  # fmt: skip
 
     def warnings(self) -> list[str]:
         return []

@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ from typing import Any
 from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
 from tcserve.engines.llamacpp.model import Model
 from tcserve.engines.llamacpp.sampling import Sampler
+from tcserve.engines.llamacpp.speculation import (
+    CALIBRATION_ROWS,
+    MAX_DRAFT,
+    Acceptance,
+    NgramDrafts,
+    StepCosts,
+    plan_drafts,
+)
 from tcserve.errors import EngineFailure, Overloaded
 
 log = logging.getLogger("tcserve.llamacpp")
@@ -70,6 +79,9 @@ class Job:
     utf8: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
+    drafts: NgramDrafts | None = None
+    """The prompt's and the text's n-grams, for speculation (greedy requests only)."""
+    acceptance: Acceptance = field(default_factory=Acceptance)
 
 
 @dataclass(eq=False)
@@ -91,6 +103,8 @@ class Stats:
     generated_tokens: int = 0
     reused_tokens: int = 0
     steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Scheduler:
@@ -104,6 +118,8 @@ class Scheduler:
         prefill_budget: int,
         prefix_cache: bool = True,
         reuse_generated: bool = False,
+        speculative: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._model = model
         self._deliver = deliver
@@ -113,6 +129,10 @@ class Scheduler:
         self._prefill_budget = prefill_budget
         self._prefix_cache = prefix_cache
         self._reuse_generated = reuse_generated
+        self._speculative = speculative
+        self._costs = StepCosts()
+        self._clock = clock
+        """Times decode steps, for the cost model (tests give the fake model's own clock)."""
         self._slots = [Slot(i) for i in range(slots)]
         self._inbox: deque[Job] = deque()
         self._waiting: deque[Job] = deque()
@@ -150,6 +170,29 @@ class Scheduler:
             raise
         self._fail_everyone(Overloaded("The server is shutting down", retry_after=1.0))
 
+    def calibrate(self, rounds: int = 3) -> None:
+        """Time the small batches that speculation chooses between (`StepCosts`), on
+        slot 0 before any request: the fastest of `rounds` timings of each size."""
+        if not self._speculative:
+            return
+        model, token = self._model, self._model.vocab.tokenize("a")[-1]
+        best: dict[int, float] = {}
+        for round_number in range(rounds + 1):  # round 0 warms the weights up
+            for rows in CALIBRATION_ROWS:
+                model.batch.clear()
+                for position in range(rows):
+                    model.batch.add(token, position, 0, True)
+                started = self._clock()
+                status = model.decode()
+                elapsed = self._clock() - started
+                model.forget(0)
+                if status != 0:
+                    raise EngineFailure(f"llama_decode returned {status} while timing a {rows}-row batch")
+                if round_number:
+                    best[rows] = min(best.get(rows, elapsed), elapsed)
+        model.batch.clear()
+        self._costs.calibrate(best)
+
     def step(self) -> bool:
         """One round of the worker loop: take newcomers, drop the cancelled, fill free
         slots and decode one batch. False when no slot had work (nothing was decoded).
@@ -169,6 +212,8 @@ class Scheduler:
             ids = job.request.tokens.ids  # tokenized once, by the engine's `tokenize`
             job.prompt = list(ids) if ids is not None else self._model.vocab.tokenize(job.request.prompt)
             if 0 < len(job.prompt) < self._model.slot_context:
+                if self._speculative and job.request.sampling.greedy:
+                    job.drafts = NgramDrafts(job.prompt)
                 self._waiting.append(job)
             else:  # the API checks this first; a batch must never carry an impossible sequence
                 self._fail(job, EngineFailure(f"a prompt of {len(job.prompt)} tokens cannot be decoded"))
@@ -219,35 +264,101 @@ class Scheduler:
     def _decode_step(self) -> None:
         batch = self._model.batch
         batch.clear()
-        sampling: list[tuple[Job, int]] = []
         running = [slot.job for slot in self._slots if slot.job is not None]
+        generating = [job for job in running if job.pending is not None]
         prefilling = sorted((job for job in running if job.position < len(job.prompt)), key=lambda j: j.admitted)
-        for job in running:
-            if job.pending is not None:
-                sampling.append((job, self._add_generated(job)))
+        chunks: list[Job] = []
         budget = self._prefill_budget
         for job in prefilling:
             size = self._next_chunk_size(job)
             if size > budget:
                 break  # first come, first served: no overtaking by shorter prompts
-            sampling += [(job, index) for index in self._add_chunk(job)]
+            chunks.append(job)
             budget -= size
+        # Speculate only in steps that decode generated tokens alone: their cost is
+        # measured per row count; a step carrying prompt chunks is compute-bound already.
+        drafts = self._plan_drafts(generating) if not chunks else [[] for _ in generating]
+        pairs = zip(generating, drafts, strict=True)
+        verifying = [(job, draft, self._add_generated(job, draft)) for job, draft in pairs]
+        rows = sum(len(indexes) for _, _, indexes in verifying)
+        sampling = [(job, index) for job in chunks for index in self._add_chunk(job)]
+        started = self._clock()
         status = self._model.decode()
         self.stats.steps += 1
         if status != 0:
             self._fail_batch(running, status)
         else:
+            for job, draft, indexes in verifying:
+                self._verify(job, draft, indexes)
             for job, index in sampling:
                 self._accept(job, self._sample(job, index))
+            if not chunks:
+                self._costs.record(rows, self._clock() - started)
         self._flush()
 
-    def _add_generated(self, job: Job) -> int:
+    def _plan_drafts(self, generating: list[Job]) -> list[list[int]]:
+        """Each generating job's draft for this step (most get none): n-gram lookups,
+        kept as far as the measured step costs say they pay."""
+        offered: list[tuple[int, list[int]]] = []
+        for position, job in enumerate(generating):
+            if job.drafts is None:
+                continue
+            limit = min(
+                MAX_DRAFT,
+                job.request.max_tokens - job.produced - 1,  # the step yields drafts + 1 tokens
+                self._model.slot_context - 1 - job.position,  # the drafts' positions must fit the slot
+            )
+            if draft := job.drafts.propose(limit):
+                offered.append((position, draft))
+        drafts: list[list[int]] = [[] for _ in generating]
+        if not offered:
+            return drafts
+        room = len(self._slots) + self._prefill_budget - len(generating)  # the batch's capacity left
+        plan = plan_drafts(
+            len(generating), [(len(draft), generating[at].acceptance.rate) for at, draft in offered], self._costs, room
+        )
+        for (at, draft), count in zip(offered, plan, strict=True):
+            drafts[at] = draft[:count]
+        return drafts
+
+    def _add_generated(self, job: Job, draft: list[int]) -> list[int]:
+        """Add the job's sampled token and its draft; every row wants logits. Returns their batch indexes."""
         assert job.slot is not None and job.pending is not None
-        index = self._model.batch.add(job.pending, job.position, job.slot.index, True)
-        job.slot.tokens.append(job.pending)
-        job.position += 1
+        feed = [job.pending, *draft]
+        indexes = [
+            self._model.batch.add(token, job.position + offset, job.slot.index, True)
+            for offset, token in enumerate(feed)
+        ]
+        job.slot.tokens.extend(feed)
+        job.position += len(feed)
         job.pending = None
-        return index
+        return indexes
+
+    def _verify(self, job: Job, draft: list[int], indexes: list[int]) -> None:
+        """Take the model's token at each drafted position while the draft agrees with
+        it: the agreed draft tokens are in the cache already, the rest is dropped, and
+        the model's token after the last agreed one is decoded next step."""
+        tokens = []
+        for offset, index in enumerate(indexes):
+            token = self._sample(job, index)
+            tokens.append(token)
+            if offset == len(draft) or token != draft[offset]:
+                break
+        if draft:
+            agreed = len(tokens) - 1
+            job.acceptance.record(agreed, min(len(draft), agreed + 1))
+            self.stats.drafted_tokens += len(draft)
+            self.stats.accepted_tokens += agreed
+            if agreed < len(draft):
+                assert job.slot is not None
+                kept = job.position - len(draft) + agreed  # the sampled token and the agreed drafts
+                self._model.forget(job.slot.index, kept)
+                del job.slot.tokens[kept:]
+                job.position = kept
+        for token in tokens[:-1]:
+            if not self._emit(job, token):
+                return
+        self._accept(job, tokens[-1])
 
     def _next_chunk_size(self, job: Job) -> int:
         start = job.position
@@ -275,22 +386,32 @@ class Scheduler:
         return job.sampler(self._model.logits(index))
 
     def _accept(self, job: Job, token: int) -> None:
+        """Emit the token, and decode it next step unless the job ended."""
+        if not self._emit(job, token):
+            return
+        if job.position >= self._model.slot_context:
+            # Never reached when the API checked prompt + max_tokens against the context.
+            self._fail(job, EngineFailure(f"sequence reached the end of its {job.position}-token context"))
+        else:
+            job.pending = token
+
+    def _emit(self, job: Job, token: int) -> bool:
+        """Stream one generated token; False when it ended the job."""
         vocab = self._model.vocab
         if vocab.is_end(token):
             self._finish(job, "end_of_sequence")
-            return
+            return False
         job.produced += 1
         self.stats.generated_tokens += 1
+        if job.drafts is not None:
+            job.drafts.extend((token,))
         # One delta per token, even while its text is an incomplete UTF-8 character: the
         # deltas' count is the request's output tokens.
         self._outbox.append((job, TextDelta(job.utf8.decode(vocab.piece(token)))))
         if job.produced >= job.request.max_tokens:
             self._finish(job, "max_tokens")
-        elif job.position >= self._model.slot_context:
-            # Never reached when the API checked prompt + max_tokens against the context.
-            self._fail(job, EngineFailure(f"sequence reached the end of its {job.position}-token context"))
-        else:
-            job.pending = token
+            return False
+        return True
 
     def _finish(self, job: Job, reason: FinishReason) -> None:
         if tail := job.utf8.decode(b"", final=True):

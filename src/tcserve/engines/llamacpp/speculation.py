@@ -1,0 +1,177 @@
+"""Speculative decoding from the text itself: drafts are looked up in the prompt and
+the tokens generated so far (no draft model), and the scheduler verifies them in its
+ordinary batch.
+
+Why it pays: on a CPU, one `llama_decode` of a single token is bound by reading the
+weights, so a few more rows in the same batch cost little, and work that repeats its
+input (quoting, extracting, editing code) has long stretches a lookup predicts. The
+model's greedy token is checked at every drafted position: the accepted prefix of a
+draft plus the model's own next token come out of one step, and the output is the
+model's greedy output (up to llama.cpp's batch-shape rounding, which batching has
+always had; see the scheduler's docstring). Sampled requests are never speculated:
+the drafts are greedy guesses, and checking them against a sampled token would need
+rejection sampling against a draft distribution that a lookup does not have.
+
+Whether a step speculates is decided from measured costs (`StepCosts`): drafts are
+added only while the expected tokens per second of the step rise. A batch that is
+already compute-bound (many sequences) gets few or none; one stream on a
+memory-bound CPU gets as many as its acceptance rate makes worth it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+LONGEST_MATCH = 4
+"""Longest n-gram looked up; the longest one found wins (the likeliest continuation)."""
+SHORTEST_MATCH = 2
+MAX_DRAFT = 16
+"""Tokens one sequence may draft in a step."""
+MAX_STEP_DRAFTS = 32
+"""Drafted rows one step may carry in all: each wants a logit row (1 MiB on Gemma's
+262,144-token vocabulary), and llama.cpp keeps its output buffer at the largest
+number of rows it ever had to return."""
+
+
+class NgramDrafts:
+    """Where each n-gram of a sequence last ended, so that the sequence's latest n
+    tokens can be looked up and what followed them proposed as a draft."""
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self._tokens: list[int] = []
+        self._ends: dict[tuple[int, ...], int] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self._register_suffix()
+            self._tokens.append(token)
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the
+        sequence's longest matching suffix; [] when no suffix occurred before."""
+        tokens, size = self._tokens, len(self._tokens)
+        if limit <= 0:
+            return []
+        for n in range(min(LONGEST_MATCH, size), SHORTEST_MATCH - 1, -1):
+            end = self._ends.get(tuple(tokens[size - n :]))
+            if end is not None:
+                return tokens[end : min(end + limit, size)]
+        return []
+
+    def _register_suffix(self) -> None:
+        """Record the n-grams that end at the current end, before a token follows them
+        (so a lookup never finds the suffix it is looking for)."""
+        tokens, size = self._tokens, len(self._tokens)
+        for n in range(SHORTEST_MATCH, min(LONGEST_MATCH, size) + 1):
+            self._ends[tuple(tokens[size - n :])] = size
+
+
+@dataclass
+class Acceptance:
+    """How often one sequence's drafted tokens were right, as the chance that the next
+    drafted token is (a Beta(1, 1) prior: 1/2 before any evidence)."""
+
+    accepted: int = 0
+    tried: int = 0
+    """Drafted tokens that were checked: up to and including the first wrong one."""
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + 1) / (self.tried + 2)
+
+    def record(self, accepted: int, tried: int) -> None:
+        self.accepted += accepted
+        self.tried += tried
+
+
+CALIBRATION_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, MAX_DRAFT + 1)
+"""Batch sizes timed when a model loads: one sequence with up to a whole draft."""
+
+
+class StepCosts:
+    """Seconds a decode step takes, by the number of rows in its batch.
+
+    Small batches (up to one sequence with a whole draft) are timed once, when the
+    model loads (`calibrate`), and those figures stay: so the plan for a lone greedy
+    request depends only on the request, and the same request on an idle server is
+    computed in the same batch shapes, giving the same text. Larger batches are
+    learned from the steps the scheduler runs (an exponential moving average per
+    row count).
+
+    A row count not measured yet is predicted by interpolating its measured
+    neighbours; above the largest measured count it is predicted to cost no more than
+    that one, which is optimistic on purpose: the scheduler then tries the larger
+    batch once and learns what it costs."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self._smoothing = smoothing
+        self._rows: list[int] = []
+        self._seconds: list[float] = []
+        self._calibrated = 0
+        """Row counts up to this one keep their calibrated figures."""
+
+    def calibrate(self, seconds: dict[int, float]) -> None:
+        """Fix the cost of these row counts (and of every count up to the largest)."""
+        for rows, value in seconds.items():
+            self._set(rows, value)
+        self._calibrated = max(seconds, default=0)
+
+    def record(self, rows: int, seconds: float) -> None:
+        if rows > self._calibrated:
+            self._set(rows, seconds)
+
+    def _set(self, rows: int, seconds: float) -> None:
+        at = bisect.bisect_left(self._rows, rows)
+        if at < len(self._rows) and self._rows[at] == rows:
+            learning = rows > self._calibrated
+            self._seconds[at] = (
+                self._seconds[at] + self._smoothing * (seconds - self._seconds[at]) if learning else seconds
+            )
+        else:
+            self._rows.insert(at, rows)
+            self._seconds.insert(at, seconds)
+
+    def predict(self, rows: int) -> float | None:
+        """Predicted seconds for `rows`; None until a step of at most `rows` rows was measured."""
+        at = bisect.bisect_left(self._rows, rows)
+        if at < len(self._rows) and self._rows[at] == rows:
+            return self._seconds[at]
+        if at == 0:
+            return None
+        if at == len(self._rows):
+            return self._seconds[-1]
+        (r0, s0), (r1, s1) = (self._rows[at - 1], self._seconds[at - 1]), (self._rows[at], self._seconds[at])
+        return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+
+
+def plan_drafts(base_rows: int, offers: Sequence[tuple[int, float]], costs: StepCosts, room: int) -> list[int]:
+    """How many drafted tokens each offer should verify in a step of `base_rows`
+    ordinary rows, each producing one token (the sequences that generate).
+
+    `offers` holds one (tokens available, acceptance rate) per sequence that has a
+    draft. Drafted token j of a sequence with rate a is expected to add a**j tokens
+    (it counts only if all before it were right). The plan takes the most valuable
+    drafted tokens first and keeps the number that maximises expected tokens per
+    predicted second; 0 everywhere when no step of `base_rows` rows was measured yet,
+    or when speculating does not pay."""
+    baseline = costs.predict(base_rows)
+    if baseline is None or not offers:
+        return [0] * len(offers)
+    gains = sorted(
+        ((rate**j, index) for index, (available, rate) in enumerate(offers) for j in range(1, available + 1)),
+        reverse=True,
+    )[: max(0, min(room, MAX_STEP_DRAFTS))]
+    best_count, best_speed, expected = 0, base_rows / baseline, float(base_rows)
+    for count, (gain, _) in enumerate(gains, start=1):
+        expected += gain
+        predicted = costs.predict(base_rows + count)
+        assert predicted is not None  # a smaller count was measured
+        if predicted > 0 and expected / predicted > best_speed:
+            best_count, best_speed = count, expected / predicted
+    plan = [0] * len(offers)
+    for _, index in gains[:best_count]:
+        plan[index] += 1
+    return plan

@@ -1,0 +1,208 @@
+"""Speculative decoding from n-grams (engines/llamacpp/speculation.py) in the scheduler,
+on the fake model: the text is exactly the plain greedy text, drafts are verified and
+trimmed, and the step costs decide whether to speculate.
+
+The fake model's next token is a function of its sequence's whole cache, so a draft
+token left in the cache by mistake, or a trim at the wrong position, changes the text
+against `reference`, which computes it without the scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fake_model import EOS, Entry, hashed, replying, tokens_of
+from tcserve.core.request import SamplingParams
+from tcserve.engines.llamacpp.speculation import MAX_STEP_DRAFTS, NgramDrafts, StepCosts, plan_drafts
+from test_scheduler import Harness, reference
+
+PASSAGE = "the quick brown fox jumps over the lazy dog and runs into the woods"
+EDITED = "the quick brown cat jumps over the lazy dog and runs into the woods"
+QUOTE = f"Text: {PASSAGE}\nQuote it with one word changed. A:"
+
+
+def flat(rows: int) -> float:
+    """A memory-bound step: a few more rows cost almost nothing."""
+    return 0.015 + 0.0001 * rows
+
+
+def linear(rows: int) -> float:
+    """A compute-bound step: every row costs the same, beside a small fixed cost."""
+    return 0.002 + 0.004 * rows
+
+
+def drafted_rows(harness: Harness, slot: int, prompt: int) -> list[int]:
+    """How many rows of `slot` each decode of generated tokens carried (after a `prompt`-token prefill)."""
+    counts = [sum(1 for e in batch if e.slot == slot and e.position >= prompt) for batch in harness.model.decoded]
+    return [count for count in counts if count]
+
+
+# -- the drafts ---------------------------------------------------------------------------
+
+
+def test_a_draft_is_what_followed_the_latest_longest_match() -> None:
+    drafts = NgramDrafts([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    assert drafts.propose(3) == [7, 8, 5]  # "2 3" last ended before 7 (the longer "5 2 3" never occurred)
+    drafts.extend([7])
+    assert drafts.propose(8) == [8, 5, 2, 3, 7]  # "2 3 7": up to the end of what is known
+    assert drafts.propose(0) == []
+
+
+def test_a_suffix_seen_only_once_proposes_nothing() -> None:
+    drafts = NgramDrafts([4, 5, 6])
+    assert drafts.propose(4) == []
+    drafts.extend([4, 5])
+    assert drafts.propose(4) == [6, 4, 5]
+
+
+# -- the decision -------------------------------------------------------------------------
+
+
+def measured(cost: object, rows: range) -> StepCosts:
+    costs = StepCosts()
+    for count in rows:
+        costs.record(count, cost(count))  # type: ignore[operator]
+    return costs
+
+
+def test_a_memory_bound_step_takes_every_likely_draft_token_within_the_room() -> None:
+    costs = measured(flat, range(1, 40))
+    assert plan_drafts(1, [(16, 0.9)], costs, room=100) == [16]
+    assert plan_drafts(1, [(16, 0.9)], costs, room=5) == [5]
+    assert sum(plan_drafts(2, [(16, 0.9), (16, 0.9)], costs, room=100)) == MAX_STEP_DRAFTS
+
+
+def test_a_compute_bound_step_takes_no_draft_unless_it_is_nearly_sure() -> None:
+    costs = measured(linear, range(1, 60))
+    assert plan_drafts(16, [(8, 0.5)] * 16, costs, room=100) == [0] * 16
+    # A draft token right 99% of the time adds 0.99 tokens for one row's price: worth it.
+    assert plan_drafts(1, [(1, 0.99)], costs, room=100) == [1]
+
+
+def test_likelier_drafts_go_first_and_nothing_is_planned_before_a_step_was_measured() -> None:
+    costs = measured(lambda rows: 0.015 + 0.002 * rows, range(1, 40))
+    plan = plan_drafts(2, [(8, 0.95), (8, 0.3)], costs, room=100)
+    assert plan[0] > plan[1]
+    assert plan_drafts(3, [(8, 0.9)], StepCosts(), room=100) == [0]
+
+
+def test_a_larger_step_than_any_measured_is_tried_once_then_known() -> None:
+    costs = measured(linear, range(1, 3))
+    assert plan_drafts(1, [(4, 0.6)], costs, room=100) == [4]  # unknown: optimistic, so it gets measured
+    costs.record(5, linear(5))
+    assert plan_drafts(1, [(4, 0.6)], costs, room=100) == [0]
+
+
+# -- in the scheduler ---------------------------------------------------------------------
+
+
+def test_a_quoting_answer_is_the_plain_greedy_text_in_fewer_steps() -> None:
+    weights = replying(EDITED)
+    plain = Harness(slots=1, slot_context=256, next_token=weights, step_seconds=flat)
+    job = plain.submit(QUOTE, max_tokens=80)
+    plain.run_until_idle()
+    fast = Harness(slots=1, slot_context=256, next_token=weights, step_seconds=flat, speculative=True)
+    sped = fast.submit(QUOTE, max_tokens=80)
+    fast.run_until_idle()
+    assert fast.text(sped) == plain.text(job) == EDITED
+    assert fast.ending(sped) == plain.ending(job) == ("end_of_sequence", len(sped.prompt), len(EDITED))
+    stats = fast.scheduler.stats
+    assert 0 < stats.accepted_tokens < stats.drafted_tokens  # "cat" was not in the passage
+    assert stats.steps < plain.scheduler.stats.steps / 2
+    assert max(drafted_rows(fast, 0, len(sped.prompt))) > 1
+    assert fast.model.caches[0] == sped.prompt + tokens_of(EDITED)  # rejected drafts were trimmed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drafts_that_are_mostly_wrong_never_change_the_text(seed: int) -> None:
+    rng = random.Random(seed)
+    prompts = ["".join(rng.choice("ab ") for _ in range(rng.randint(3, 40))) for _ in range(5)]
+    harness = Harness(slots=3, slot_context=128, step_seconds=flat, speculative=True)
+    jobs = [harness.submit(prompt, max_tokens=rng.randint(1, 60)) for prompt in prompts]
+    harness.run_until_idle()
+    for prompt, job in zip(prompts, jobs, strict=True):
+        assert harness.text(job) == reference(prompt, job.request.max_tokens)
+        assert harness.ending(job)[2] == len(harness.text(job))  # one delta per token
+    assert harness.scheduler.stats.drafted_tokens > 0
+
+
+def test_a_drafted_end_of_sequence_ends_the_text_there() -> None:
+    # The reply repeats the prompt's words up to its end: the drafts run past it.
+    weights = replying("aaaa aaaa")
+    fast = Harness(slots=1, slot_context=128, next_token=weights, step_seconds=flat, speculative=True)
+    job = fast.submit("aaaa aaaa aaaa aaaa A:", max_tokens=40)
+    fast.run_until_idle()
+    assert fast.text(job) == "aaaa aaaa"
+    assert fast.finished(job).reason == "end_of_sequence"
+    assert weights(fast.model.caches[0][: len(job.prompt) + 9]) == EOS
+
+
+def test_drafts_stop_at_max_tokens_and_at_the_end_of_the_slot() -> None:
+    weights = replying(PASSAGE)
+    fast = Harness(slots=1, slot_context=128, next_token=weights, step_seconds=flat, speculative=True)
+    job = fast.submit(f"{PASSAGE} A:", max_tokens=10)
+    fast.run_until_idle()
+    assert fast.text(job) == PASSAGE[:10]
+    assert fast.ending(job) == ("max_tokens", len(job.prompt), 10)
+    texts = []
+    for speculative in (False, True):
+        short = Harness(slots=1, slot_context=len(job.prompt) + 12, next_token=weights, step_seconds=flat,
+                        speculative=speculative)  # fmt: skip
+        cut = short.submit(f"{PASSAGE} A:", max_tokens=60)
+        short.run_until_idle()  # the fake refuses any row past the slot's context
+        assert "context" in str(short.outcomes(cut)[-1])
+        texts.append(short.text(cut))
+    assert texts[1] == texts[0] == PASSAGE[:13]  # the 13th token is sampled, then has no room
+
+
+def test_a_sampled_request_is_never_speculated() -> None:
+    harness = Harness(slots=1, slot_context=256, next_token=replying(PASSAGE), step_seconds=flat, speculative=True)
+    job = harness.submit(f"{PASSAGE} A:", max_tokens=30, sampling=SamplingParams(temperature=0.7, seed=1))
+    harness.run_until_idle()
+    assert set(drafted_rows(harness, 0, len(job.prompt))) == {1}
+    assert harness.scheduler.stats.drafted_tokens == 0
+
+
+def test_a_compute_bound_batch_stops_speculating_once_it_has_measured_that() -> None:
+    harness = Harness(slots=4, slot_context=256, next_token=hashed, step_seconds=linear, speculative=True)
+    jobs = [harness.submit(f"ab ab ab ab {i}", max_tokens=50) for i in range(4)]
+    harness.run_until_idle()
+    late = harness.model.decoded[-20:]
+    assert all(len(batch) <= 4 for batch in late)  # one row per sequence: drafting does not pay
+    for i, job in enumerate(jobs):
+        assert harness.text(job) == reference(f"ab ab ab ab {i}", 50)
+
+
+def test_a_trimmed_cache_is_reused_like_any_other() -> None:
+    weights = replying(EDITED)
+    harness = Harness(slots=1, slot_context=256, next_token=weights, step_seconds=flat, speculative=True)
+    first = harness.submit(QUOTE, max_tokens=80)
+    harness.run_until_idle()
+    second = harness.submit(QUOTE + " " + EDITED, max_tokens=20)
+    harness.run_until_idle()
+    assert harness.scheduler.stats.reused_tokens > 0
+    assert harness.text(second) == reference(QUOTE + " " + EDITED, 20, weights)
+    assert harness.text(first) == EDITED
+    assert all(isinstance(entry, Entry) for batch in harness.model.decoded for entry in batch)
+
+
+def test_a_lone_request_is_computed_in_the_same_batch_shapes_however_noisy_later_steps_are() -> None:
+    noise = random.Random(7)
+    harness = Harness(
+        slots=1, slot_context=256, next_token=replying(EDITED), speculative=True,
+        step_seconds=lambda rows: flat(rows) * noise.uniform(0.5, 3.0),
+    )  # fmt: skip
+    harness.scheduler.calibrate()
+    assert harness.model.caches[0] == []  # the timing batches left nothing behind
+    shapes = []
+    for _ in range(3):
+        before = len(harness.model.decoded)
+        job = harness.submit(QUOTE, max_tokens=80)
+        harness.run_until_idle()
+        assert harness.text(job) == EDITED
+        shapes.append([len(batch) for batch in harness.model.decoded[before:]])
+    # Prefix reuse makes the first prefill longer than the next ones; the decodes match.
+    assert shapes[1] == shapes[2]
+    assert shapes[0][-len(shapes[1]) + 1 :] == shapes[1][1:]
