@@ -86,7 +86,8 @@ class Settings:
     requests: int = field(
         default=0,
         metadata=_flag(
-            "requests per closed-loop level (0: {requests_per_worker} x concurrency, {quick} x with --quick)"
+            "requests per closed-loop level (0: {requests_per_worker} x concurrency, {quick} x with --quick; "
+            "grounded rows {grounded} x concurrency)"
         ),
     )
     requests_per_worker: int = 2  # used when requests is 0; QUICK's with --quick
@@ -205,5 +206,6 @@ def flag_help(f: dataclasses.Field[Any]) -> str:
     if f.name == "quick":
         return text.format(**{k: cli_text(v) for k, v in QUICK.items()})
     if f.name == "requests":
-        return text.format(requests_per_worker=DEFAULTS.requests_per_worker, quick=QUICK["requests_per_worker"])
+        per_worker, quick = DEFAULTS.requests_per_worker, QUICK["requests_per_worker"]
+        return text.format(requests_per_worker=per_worker, quick=quick, grounded=DEFAULTS.grounded_requests_per_worker)
     return text
