@@ -57,16 +57,36 @@ class TokenCounter:
         return len(self.ids(text))
 
 
+BURST_S = 0.001
+"""Deltas closer than this to the one before are one burst: a speculating server
+(llama-server[spec]) sends each token of an accepted draft as its own event, all at
+once, and a 0 ms gap per token would say nothing about how fast text arrives."""
+
+
+def bursts(sample: Sample) -> list[tuple[float, str]]:
+    """The sample's deltas with those of one burst joined (at the first one's time)."""
+    out: list[tuple[float, str]] = []
+    last = float("-inf")
+    for t, delta in sample.deltas:
+        if out and t - last < BURST_S:
+            out[-1] = (out[-1][0], out[-1][1] + delta)
+        else:
+            out.append((t, delta))
+        last = t
+    return out
+
+
 def itl_samples(sample: Sample, counter: TokenCounter) -> list[float]:
-    """Gap between successive non-empty deltas divided by the tokens that delta
-    added (re-tokenising the text received so far; at least 1)."""
+    """Gap between successive bursts of non-empty deltas divided by the tokens that
+    burst added (re-tokenising the text received so far; at least 1)."""
     out: list[float] = []
     text, tokens_before = "", 0
-    for i, (t, delta) in enumerate(sample.deltas):
+    deltas = bursts(sample)
+    for i, (t, delta) in enumerate(deltas):
         text += delta
         tokens_now = counter.count(text)
         if i > 0:
-            out.append((t - sample.deltas[i - 1][0]) / max(1, tokens_now - tokens_before))
+            out.append((t - deltas[i - 1][0]) / max(1, tokens_now - tokens_before))
         tokens_before = tokens_now
     return out
 
@@ -356,7 +376,8 @@ def method_notes(cfg: Settings) -> list[str]:
         f"special=False). out tok/s = median over {cfg.repeats} round(s) of (output tokens of the "
         "mode / wall time of the mode); tok/s range = min-max over rounds.",
         "TTFT/ITL percentiles pool every request of every round. ITL = gap between successive "
-        "non-empty text deltas / tokens that delta added. Conversation rows: TTFT of turn 5 only.",
+        "non-empty text deltas / tokens that delta added (deltas < 1 ms apart count as one). "
+        "Conversation rows: TTFT of turn 5 only.",
         "prefill tok/s (long rows) = median over requests of prompt tokens (BOS included) / TTFT.",
         "peak RSS = server VmHWM when the mode finished (cumulative since the server started; "
         "max over rounds). other CPU % = CPU used by processes other than the server and this "
