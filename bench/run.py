@@ -60,9 +60,13 @@ from settings import (
     flag_name,
 )
 
-SPEC_ROWS = ("grounded", level_label(1))
-"""What the speculating servers and tcserve[no-spec] run: the grounded rows, where
-speculation pays, and free-text c=1, where it must not cost (kept short: 2 cores)."""
+
+def spec_row(mode: str) -> bool:
+    """What the speculating servers and tcserve[no-spec] run: the grounded rows, where
+    speculation pays, and free-text c=1, where it must not cost (kept short: 2 cores)."""
+    return mode.startswith("grounded") or mode == level_label(1)
+
+
 SLOW = "llama-cpp-python"
 """Serves one request at a time: it skips the grounded and long rows (minutes at c=4)."""
 
@@ -72,7 +76,7 @@ def server_modes(name: str, modes: list[str]) -> list[str]:
     if name in (NO_REUSE, REUSE_ALL):
         return [m for m in modes if m == CONV_LABEL]
     if name in (SPEC, NO_SPEC):
-        return [m for m in modes if m.startswith(SPEC_ROWS)]
+        return [m for m in modes if spec_row(m)]
     if name == SLOW:
         return [m for m in modes if not m.startswith(("grounded", "long"))]
     return modes
