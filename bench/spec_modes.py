@@ -20,6 +20,7 @@ import shlex
 import signal
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -72,6 +73,8 @@ def main() -> int:
     p.add_argument("--llama-server-bin", default=DEFAULTS.llama_server_bin)
     p.add_argument("--model-path", dest="gguf", default=None)
     args = p.parse_args()
+    if not Path(args.llama_server_bin).exists():
+        sys.exit(f"llama-server not found: {args.llama_server_bin} (make bench builds it: bench/build_llama_server.sh)")
     args.gguf = args.gguf or peers.default_gguf()
     counter = report.TokenCounter(args.gguf)
     prompts = texts.grounded_prompts(args.requests, 0)
