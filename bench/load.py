@@ -1,6 +1,7 @@
 """The load generator: prompts, one streaming client for both APIs (Anthropic
-`/v1/complete` and OpenAI `/v1/completions`), and the workloads (closed loop,
-open-loop Poisson arrivals, 5-turn conversations) run against one server.
+`/v1/complete` and OpenAI `/v1/completions`), and the workloads (closed loop on
+free-text, grounded and long prompts, open-loop Poisson arrivals, 5-turn
+conversations) run against one server. The grounded and long texts are in texts.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 
+import texts
 from machine import NoiseMeter
 from peers import RunningServer
 from settings import Settings
@@ -151,6 +153,7 @@ class Sample:
     finish: str | None = None
     reported_tokens: int | None = None  # what the server says, when it says it
     turn: int = 0
+    prompt: str = ""
 
     @property
     def text(self) -> str:
@@ -217,7 +220,7 @@ async def stream_request(
         headers = {"anthropic-version": "2023-06-01"}
     else:
         url, body, headers = base_url + "/v1/completions", openai_body(prompt, max_tokens), {}
-    sample = Sample(start=time.perf_counter(), turn=turn)
+    sample = Sample(start=time.perf_counter(), turn=turn, prompt=prompt)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -334,6 +337,14 @@ def level_label(concurrency: int) -> str:
     return f"c={concurrency}"
 
 
+def grounded_label(concurrency: int) -> str:
+    return f"grounded c={concurrency}"
+
+
+def long_label(concurrency: int) -> str:
+    return f"long c={concurrency}"
+
+
 def rate_label(cfg: Settings) -> str:
     return f"rate {cfg.rate:g}/s"
 
@@ -356,8 +367,32 @@ async def measured(server: RunningServer, round_no: int, mode: str, workload: Wo
     return run
 
 
-async def run_server_modes(server: RunningServer, cfg: Settings, round_no: int, modes: list[str]) -> list[ModeRun]:
-    """Drive one running server through the requested modes, in a fixed order."""
+def closed_loop_prompts(cfg: Settings, count_tokens: Callable[[str], int]) -> dict[str, list[str]]:
+    """The prompts of every closed-loop and open-loop mode, built once per run so every
+    server and round gets the very same ones; indexes never repeat within a kind."""
+    out: dict[str, list[str]] = {}
+    offset = 0
+    for c in cfg.levels:
+        out[level_label(c)] = load_prompts(cfg.requests_for(c), offset)
+        offset += cfg.requests_for(c)
+    if cfg.rate > 0:
+        out[rate_label(cfg)] = load_prompts(len(arrival_times(cfg.rate, cfg.duration, cfg.seed)), offset)
+    offset = 0
+    for c in cfg.grounded_levels:
+        count = cfg.requests or cfg.grounded_requests_per_worker * c
+        out[grounded_label(c)] = texts.grounded_prompts(count, offset)
+        offset += count
+    offset, target = 0, cfg.long_prompt_budget()
+    for c in cfg.long_levels if "long" in cfg.workloads else []:
+        out[long_label(c)] = texts.long_prompts(cfg.requests_for(c), offset, target, count_tokens)
+        offset += cfg.requests_for(c)
+    return out
+
+
+async def run_server_modes(
+    server: RunningServer, cfg: Settings, round_no: int, modes: list[str], prompts: dict[str, list[str]]
+) -> list[ModeRun]:
+    """Drive one running server through the requested modes, in all_modes' order."""
     runs: list[ModeRun] = []
     async with make_client(cfg) as client:
 
@@ -372,27 +407,31 @@ async def run_server_modes(server: RunningServer, cfg: Settings, round_no: int, 
 
         if cfg.warmup:
             await send(WARMUP_PROMPT, 8, 0)
-        offset = 0
-        for c in cfg.levels:
-            prompts = load_prompts(cfg.requests_for(c), offset)
-            offset += len(prompts)
-            if level_label(c) in modes:
-                workload = functools.partial(closed_loop, send, prompts, c, cfg.max_tokens)
-                runs.append(await measured(server, round_no, level_label(c), workload))
-        if rate_label(cfg) in modes:
-            arrivals = arrival_times(cfg.rate, cfg.duration, cfg.seed)
-            prompts = load_prompts(len(arrivals), offset)
-            workload = functools.partial(open_loop, send, prompts, arrivals, cfg.max_tokens)
-            runs.append(await measured(server, round_no, rate_label(cfg), workload))
-        if CONV_LABEL in modes:
-            runs.append(await measured(server, round_no, CONV_LABEL, conversations))
+        for mode in [m for m in all_modes(cfg) if m in modes]:
+            workload: Workload
+            if mode == CONV_LABEL:
+                workload = conversations
+            elif mode == rate_label(cfg):
+                arrivals = arrival_times(cfg.rate, cfg.duration, cfg.seed)
+                workload = functools.partial(open_loop, send, prompts[mode], arrivals, cfg.max_tokens)
+            else:
+                concurrency = int(mode.rsplit("=", 1)[1])
+                max_tokens = cfg.long_max_tokens if mode.startswith("long") else cfg.max_tokens
+                workload = functools.partial(closed_loop, send, prompts[mode], concurrency, max_tokens)
+            runs.append(await measured(server, round_no, mode, workload))
     return runs
 
 
 def all_modes(cfg: Settings) -> list[str]:
-    modes = [level_label(c) for c in cfg.levels]
-    if cfg.rate > 0:
+    """Every mode of the run, in the order each server runs them: long prompts last,
+    so their memory does not count in the other rows' peak RSS."""
+    modes = [level_label(c) for c in cfg.levels] if "text" in cfg.workloads else []
+    if cfg.rate > 0 and "rate" in cfg.workloads:
         modes.append(rate_label(cfg))
-    if cfg.conversations > 0:
+    if cfg.conversations > 0 and "conv" in cfg.workloads:
         modes.append(CONV_LABEL)
+    if "grounded" in cfg.workloads:
+        modes += [grounded_label(c) for c in cfg.grounded_levels]
+    if "long" in cfg.workloads:
+        modes += [long_label(c) for c in cfg.long_levels]
     return modes

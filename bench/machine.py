@@ -126,7 +126,9 @@ def environment(cfg: Settings) -> dict[str, Any]:
         "tcserve_src_dirty": bool(dirty) and not dirty.startswith("unavailable"),
         "llama_cpp_python_version": version("llama-cpp-python"),
         "llama_server_version": (
-            command_output([cfg.llama_server_bin, "--version"]) if "llama-server" in cfg.servers else "not used"
+            command_output([cfg.llama_server_bin, "--version"])
+            if any(s.startswith("llama-server") for s in cfg.servers)
+            else "not used"
         ),
         "gguf": {"path": cfg.gguf, "size_bytes": os.path.getsize(cfg.gguf), "sha256": sha256(cfg.gguf)},
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from settings import BUILD_SCRIPT, DEFAULT_LLAMA_SERVER, LOGS, NO_REUSE, REUSE_ALL, ROOT, Settings
+from settings import BUILD_SCRIPT, DEFAULT_LLAMA_SERVER, LOGS, NO_REUSE, NO_SPEC, REUSE_ALL, ROOT, SPEC, Settings
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
@@ -87,12 +87,17 @@ def server_spec(name: str, cfg: Settings, port: int, tc_help: str) -> ServerSpec
     t, host = str(cfg.threads), ["--host", "127.0.0.1", "--port", str(port)]
     if name == "tcserve":
         return ServerSpec(name, tcserve_argv(cfg, port, tc_help, []), "/health", "anthropic")
-    if name in (NO_REUSE, REUSE_ALL):
-        extra = cfg.tcserve_no_reuse_args if name == NO_REUSE else cfg.tcserve_reuse_all_args
-        return ServerSpec(name, tcserve_argv(cfg, port, tc_help, extra), "/health", "anthropic")
-    if name == "llama-server":
+    variants = {
+        NO_REUSE: cfg.tcserve_no_reuse_args,
+        REUSE_ALL: cfg.tcserve_reuse_all_args,
+        NO_SPEC: cfg.tcserve_no_spec_args,
+    }
+    if name in variants:
+        return ServerSpec(name, tcserve_argv(cfg, port, tc_help, variants[name]), "/health", "anthropic")
+    if name in ("llama-server", SPEC):
         argv = llama_server_argv(cfg.llama_server_bin, cfg.gguf, cfg.threads, cfg.ctx_size, cfg.parallel, port)
-        return ServerSpec(name, argv + cfg.llama_server_args, "/health", "openai")
+        spec = cfg.llama_server_spec_args if name == SPEC else []
+        return ServerSpec(name, argv + cfg.llama_server_args + spec, "/health", "openai")
     if name == "llama-cpp-python":
         # Its default interrupts the in-flight stream when a new request arrives;
         # with --interrupt_requests False requests wait their turn instead.
@@ -202,7 +207,7 @@ def default_gguf() -> str:
 
 
 def ensure_llama_server(cfg: Settings) -> None:
-    if "llama-server" not in cfg.servers or Path(cfg.llama_server_bin).exists():
+    if not {"llama-server", SPEC} & set(cfg.servers) or Path(cfg.llama_server_bin).exists():
         return
     if Path(cfg.llama_server_bin) != DEFAULT_LLAMA_SERVER:
         sys.exit(f"llama-server binary not found: {cfg.llama_server_bin}")

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from load import ASSISTANT, CONV_LABEL, HUMAN, QUESTIONS, ModeRun, Sample, conversation_system
-from settings import NO_REUSE, RESULTS, REUSE_ALL, Settings
+from settings import NO_REUSE, NO_SPEC, RESULTS, REUSE_ALL, SPEC, Settings
+from texts import copied_tokens
 
 # ----------------------------------------------------------------------------
 # Metrics
@@ -49,20 +50,43 @@ class TokenCounter:
         with quiet_stderr():  # llama.cpp logs a context warning even with verbose=False
             self._llm = Llama(model_path=gguf, vocab_only=True, verbose=False)
 
+    def ids(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode(), add_bos=False, special=False)) if text else []
+
     def count(self, text: str) -> int:
-        return len(self._llm.tokenize(text.encode(), add_bos=False, special=False)) if text else 0
+        return len(self.ids(text))
+
+
+BURST_S = 0.001
+"""Deltas closer than this to the one before are one burst: a speculating server
+(llama-server[spec]) sends each token of an accepted draft as its own event, all at
+once, and a 0 ms gap per token would say nothing about how fast text arrives."""
+
+
+def bursts(sample: Sample) -> list[tuple[float, str]]:
+    """The sample's deltas with those of one burst joined (at the first one's time)."""
+    out: list[tuple[float, str]] = []
+    last = float("-inf")
+    for t, delta in sample.deltas:
+        if out and t - last < BURST_S:
+            out[-1] = (out[-1][0], out[-1][1] + delta)
+        else:
+            out.append((t, delta))
+        last = t
+    return out
 
 
 def itl_samples(sample: Sample, counter: TokenCounter) -> list[float]:
-    """Gap between successive non-empty deltas divided by the tokens that delta
-    added (re-tokenising the text received so far; at least 1)."""
+    """Gap between successive bursts of non-empty deltas divided by the tokens that
+    burst added (re-tokenising the text received so far; at least 1)."""
     out: list[float] = []
     text, tokens_before = "", 0
-    for i, (t, delta) in enumerate(sample.deltas):
+    deltas = bursts(sample)
+    for i, (t, delta) in enumerate(deltas):
         text += delta
         tokens_now = counter.count(text)
         if i > 0:
-            out.append((t - sample.deltas[i - 1][0]) / max(1, tokens_now - tokens_before))
+            out.append((t - deltas[i - 1][0]) / max(1, tokens_now - tokens_before))
         tokens_before = tokens_now
     return out
 
@@ -91,6 +115,9 @@ class ModeStats:
     counted_tokens: int
     other_cpu_pct: float | None
     prompt_tokens_turn5: float | None = None
+    prompt_tokens: float | None = None  # mean, BOS included
+    prefill_tok_s: float | None = None  # median over requests of prompt tokens / TTFT (long rows)
+    copied_share: float | None = None  # output tokens that repeat a 3-gram of the text so far (grounded rows)
 
     @property
     def tok_s(self) -> float | None:
@@ -111,6 +138,11 @@ def summarize(runs: list[ModeRun], counter: TokenCounter, conv_prompts: dict[int
     reported = [s.reported_tokens for s in ok if s.reported_tokens is not None]
     rss = [r.peak_rss_mib for r in runs if r.peak_rss_mib is not None]
     noise = [r.other_cpu_pct for r in runs if r.other_cpu_pct is not None]
+    mode = runs[0].mode
+    prompt_tokens = {id(s): counter.count(s.prompt) + 1 for s in ok} if mode != CONV_LABEL else {}
+    prefill = [prompt_tokens[id(s)] / s.ttft for s in ok if s.ttft and mode.startswith("long")]
+    copied = sum(copied_tokens(counter.ids(s.prompt), counter.ids(s.text)) for s in ok) if "grounded" in mode else 0
+    out_tokens = sum(tokens[id(s)] for s in ok)
     return ModeStats(
         server=runs[0].server,
         mode=runs[0].mode,
@@ -128,6 +160,9 @@ def summarize(runs: list[ModeRun], counter: TokenCounter, conv_prompts: dict[int
         counted_tokens=sum(tokens[id(s)] for s in ok),
         other_cpu_pct=max(noise) if noise else None,
         prompt_tokens_turn5=statistics.mean(conv_prompts.values()) if conv_prompts else None,
+        prompt_tokens=statistics.mean(prompt_tokens.values()) if prompt_tokens else None,
+        prefill_tok_s=statistics.median(prefill) if prefill else None,
+        copied_share=copied / out_tokens if "grounded" in mode and out_tokens else None,
     )
 
 
@@ -179,6 +214,7 @@ COLUMNS = (
     "ITL p99 ms",
     "errors",
     "peak RSS MiB",
+    "prefill tok/s",
     "other CPU %",
 )
 
@@ -198,6 +234,7 @@ def table_row(st: ModeStats) -> list[str]:
         fmt(st.itl_p99, 1, 1000),
         str(st.errors),
         fmt(st.peak_rss_mib, 0),
+        fmt(st.prefill_tok_s, 0),
         fmt(st.other_cpu_pct, 0),
     ]
 
@@ -217,30 +254,97 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
+RATIO_COLUMNS = (
+    "ratio",
+    "mode",
+    "out tok/s",
+    "TTFT p50",
+    "TTFT p99",
+    "ITL p50",
+    "ITL p99",
+    "peak RSS",
+    "prefill tok/s",
+)
+PEERS = ("llama-server", SPEC, "llama-cpp-python")
+
+
+def ratio_row(tc: ModeStats, ot: ModeStats) -> list[str]:
+    return [
+        f"tcserve / {ot.server}",
+        tc.mode,
+        ratio(tc.tok_s, ot.tok_s),
+        ratio(tc.ttft_p50, ot.ttft_p50),
+        ratio(tc.ttft_p99, ot.ttft_p99),
+        ratio(tc.itl_p50, ot.itl_p50),
+        ratio(tc.itl_p99, ot.itl_p99),
+        ratio(tc.peak_rss_mib, ot.peak_rss_mib),
+        ratio(tc.prefill_tok_s, ot.prefill_tok_s),
+    ]
+
+
 def ratio_table(stats: dict[tuple[str, str], ModeStats], modes: list[str]) -> str:
     rows = []
-    for other in ("llama-server", "llama-cpp-python"):
+    for other in PEERS:
         for mode in modes:
             tc, ot = stats.get(("tcserve", mode)), stats.get((other, mode))
-            if tc is None or ot is None:
-                continue
-            rows.append(
-                [
-                    f"tcserve / {other}",
-                    mode,
-                    ratio(tc.tok_s, ot.tok_s),
-                    ratio(tc.ttft_p50, ot.ttft_p50),
-                    ratio(tc.itl_p50, ot.itl_p50),
-                    ratio(tc.peak_rss_mib, ot.peak_rss_mib),
-                ]
-            )
-    if not rows:
-        return ""
-    return markdown_table(("ratio", "mode", "out tok/s", "TTFT p50", "ITL p50", "peak RSS"), rows)
+            if tc is not None and ot is not None:
+                rows.append(ratio_row(tc, ot))
+    return markdown_table(RATIO_COLUMNS, rows) if rows else ""
+
+
+# ----------------------------------------------------------------------------
+# Targets of issue 12, each as the run shows it
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """tcserve's `metric` on `mode` over `peer`'s must be >= `bound` (`at_least`) or <= it."""
+
+    label: str
+    mode: str
+    peer: str
+    metric: str  # a ModeStats attribute
+    bound: float
+    at_least: bool
+
+
+def targets(modes: list[str]) -> list[Target]:
+    """The targets of issue 12; peak RSS at every mode of the run."""
+    out = [
+        Target("grounded c=1 tok/s vs llama-server[spec]", "grounded c=1", SPEC, "tok_s", 1.3, True),
+        Target("grounded c=1 tok/s vs llama-server", "grounded c=1", "llama-server", "tok_s", 2.5, True),
+        Target("grounded c=4 tok/s vs llama-server[spec]", "grounded c=4", SPEC, "tok_s", 1.0, True),
+    ]
+    out += [Target(f"free-text c={c} tok/s", f"c={c}", "llama-server", "tok_s", 1.0, True) for c in (1, 4, 16)]
+    out.append(Target("conversation turn-5 TTFT p50", CONV_LABEL, "llama-server", "ttft_p50", 1.0, False))
+    out += [Target(f"c=16 {m} p99", "c=16", "llama-server", f"{m.lower()}_p99", 1.0, False) for m in ("TTFT", "ITL")]
+    out += [Target(f"long c={c} TTFT p50", f"long c={c}", "llama-server", "ttft_p50", 1.0, False) for c in (1, 4)]
+    out += [Target(f"{m} peak RSS", m, "llama-server", "peak_rss_mib", 1.0, False) for m in modes]
+    return out
+
+
+def target_lines(stats: dict[tuple[str, str], ModeStats], modes: list[str]) -> list[str]:
+    """One line per target the run can show, with its figure and met or missed; then
+    the targets it cannot show (a mode or a server left out)."""
+    lines, unshown = [], []
+    for t in targets(modes):
+        tc, ot = stats.get(("tcserve", t.mode)), stats.get((t.peer, t.mode))
+        a = getattr(tc, t.metric) if tc else None
+        b = getattr(ot, t.metric) if ot else None
+        if a is None or not b:
+            unshown.append(t.label)
+            continue
+        value, sign = a / b, ">=" if t.at_least else "<="
+        met = value >= t.bound if t.at_least else value <= t.bound
+        lines.append(f"- {t.label}: {value:.2f}x ({sign} {t.bound:g}x vs {t.peer}): {'met' if met else 'missed'}")
+    if lines and unshown:
+        lines.append(f"- not shown by this run: {', '.join(unshown)}")
+    return lines
 
 
 def render(stats: dict[tuple[str, str], ModeStats], modes: list[str], cfg: Settings, notes: list[str]) -> str:
-    order = ["tcserve", NO_REUSE, REUSE_ALL, "llama-server", "llama-cpp-python"]
+    order = ["tcserve", NO_SPEC, NO_REUSE, REUSE_ALL, "llama-server", SPEC, "llama-cpp-python"]
     keys = sorted(stats, key=lambda k: (modes.index(k[1]), order.index(k[0])))
     parts = [markdown_table(COLUMNS, [table_row(stats[k]) for k in keys])]
     ratios = ratio_table(stats, modes)
@@ -251,6 +355,8 @@ def render(stats: dict[tuple[str, str], ModeStats], modes: list[str], cfg: Setti
             "",
             ratios,
         ]
+    if goals := target_lines(stats, modes):
+        parts += ["", "Targets (issue 12; ratios tcserve / peer, this run):", "", *goals]
     parts += ["", *notes]
     if cfg.quick:
         parts.insert(0, "**QUICK SMOKE RUN - not a result.**\n")
@@ -270,7 +376,9 @@ def method_notes(cfg: Settings) -> list[str]:
         f"special=False). out tok/s = median over {cfg.repeats} round(s) of (output tokens of the "
         "mode / wall time of the mode); tok/s range = min-max over rounds.",
         "TTFT/ITL percentiles pool every request of every round. ITL = gap between successive "
-        "non-empty text deltas / tokens that delta added. Conversation rows: TTFT of turn 5 only.",
+        "non-empty text deltas / tokens that delta added (deltas < 1 ms apart count as one). "
+        "Conversation rows: TTFT of turn 5 only.",
+        "prefill tok/s (long rows) = median over requests of prompt tokens (BOS included) / TTFT.",
         "peak RSS = server VmHWM when the mode finished (cumulative since the server started; "
         "max over rounds). other CPU % = CPU used by processes other than the server and this "
         "harness during the mode, % of all cores (max over rounds); above ~5% the row is noisy.",
@@ -300,6 +408,7 @@ def save(
             "text": s.text,
             "finish": s.finish,
             "reported_tokens": s.reported_tokens,
+            "prompt_chars": len(s.prompt),
             "error": s.error,
         }
         for r in runs
@@ -336,7 +445,9 @@ def save(
         f"sha256 {env['gguf']['sha256'][:16]}...\n\nSettings: threads {cfg.threads}, ctx "
         f"{cfg.ctx_size}/slot, parallel {cfg.parallel}, max tokens {cfg.max_tokens}, "
         f"repeats {cfg.repeats}, levels {cfg.levels}, rate {cfg.rate}/s for {cfg.duration} s, "
-        f"{cfg.conversations} conversation(s) x 5 turns at {cfg.conv_max_tokens} tokens. "
+        f"{cfg.conversations} conversation(s) x 5 turns at {cfg.conv_max_tokens} tokens, workloads "
+        f"{cfg.workloads}, grounded levels {cfg.grounded_levels}, long levels {cfg.long_levels} "
+        f"({cfg.long_prompt_budget()}-token prompts, {cfg.long_max_tokens} tokens out). "
         f"Full settings in {path.name}.\n\n"
     )
     (RESULTS / f"{stamp}.md").write_text(header + table + "\n")

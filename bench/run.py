@@ -8,10 +8,13 @@ built from the llama.cpp sources vendored in the installed llama-cpp-python,
 see build_llama_server.sh) and llama_cpp.server (Python, same wheel as
 tcserve). One command starts each server, waits for /health, drives it with
 streaming greedy requests (closed loop at several concurrencies, an open-loop
-fixed rate, and a 5-turn conversation for prefix reuse), stops it, and prints
-one table. Output tokens are counted by re-tokenising the received text with
-the model's own tokenizer, identically for every server, so tokens/s does not
-depend on what a server says about itself.
+fixed rate, a 5-turn conversation for prefix reuse, grounded prompts whose
+answers repeat them, and ~1,900-token prompts), stops it, and prints one table
+with ratios and issue 12's targets. llama-server also runs with its best n-gram
+speculation (`llama-server[spec]`), on the rows speculation is about. Output
+tokens are counted by re-tokenising the received text with the model's own
+tokenizer, identically for every server, so tokens/s does not depend on what a
+server says about itself.
 
 Run: .venv/bin/python bench/run.py            (see --help, and bench/README.md)
 """
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from load import CONV_LABEL, ModeRun, all_modes, run_server_modes
+from load import CONV_LABEL, ModeRun, all_modes, closed_loop_prompts, level_label, run_server_modes
 from machine import environment, wait_for_quiet
 from peers import (
     default_gguf,
@@ -41,11 +44,53 @@ from peers import (
     server_spec,
 )
 from report import TokenCounter, aggregate, error_examples, fmt, method_notes, render, save, utc_stamp
-from settings import DEFAULTS, NO_REUSE, QUICK, REUSE_ALL, ROOT, SERVERS, Settings, cli_text, flag_help, flag_name
+from settings import (
+    DEFAULTS,
+    NO_REUSE,
+    NO_SPEC,
+    QUICK,
+    REUSE_ALL,
+    ROOT,
+    SERVERS,
+    SPEC,
+    WORKLOADS,
+    Settings,
+    cli_text,
+    flag_help,
+    flag_name,
+)
+
+
+def spec_row(mode: str) -> bool:
+    """What the speculating servers and tcserve[no-spec] run: the grounded rows, where
+    speculation pays, and free-text c=1, where it must not cost (kept short: 2 cores)."""
+    return mode.startswith("grounded") or mode == level_label(1)
+
+
+SLOW = "llama-cpp-python"
+"""Serves one request at a time: it skips the grounded and long rows (minutes at c=4)."""
+
+
+def server_modes(name: str, modes: list[str]) -> list[str]:
+    """The modes `name` runs, of the run's `modes`."""
+    if name in (NO_REUSE, REUSE_ALL):
+        return [m for m in modes if m == CONV_LABEL]
+    if name in (SPEC, NO_SPEC):
+        return [m for m in modes if spec_row(m)]
+    if name == SLOW:
+        return [m for m in modes if not m.startswith(("grounded", "long"))]
+    return modes
 
 
 async def run_one_server(
-    name: str, cfg: Settings, round_no: int, modes: list[str], tc_help: str, tag: str, retries: int = 2
+    name: str,
+    cfg: Settings,
+    round_no: int,
+    modes: list[str],
+    prompts: dict[str, list[str]],
+    tc_help: str,
+    tag: str,
+    retries: int = 2,
 ) -> tuple[list[ModeRun], dict[str, Any]]:
     """Start `name`, run its modes, stop it. Retries a failed start (tcserve may be mid-edit)."""
     for attempt in range(retries + 1):
@@ -55,7 +100,7 @@ async def run_one_server(
         print(f"  [{name}] starting: {shlex.join(spec.argv)}", flush=True)
         try:
             async with running(spec, port, cfg.startup_timeout, tag) as server:
-                runs = await run_server_modes(server, cfg, round_no, modes)
+                runs = await run_server_modes(server, cfg, round_no, modes, prompts)
             info = {
                 "argv": spec.argv,
                 "peak_rss_mib": server.final_peak_rss_mib,
@@ -70,7 +115,9 @@ async def run_one_server(
     return [], {"argv": spec.argv, "error": "failed to start"}
 
 
-async def run_all(cfg: Settings, stamp: str) -> tuple[list[ModeRun], dict[str, Any], list[str]]:
+async def run_all(
+    cfg: Settings, stamp: str, prompts: dict[str, list[str]]
+) -> tuple[list[ModeRun], dict[str, Any], list[str]]:
     tc_help = (
         help_text([sys.executable, "-m", "tcserve", "serve"])
         if any(s.startswith("tcserve") for s in cfg.servers)
@@ -82,16 +129,27 @@ async def run_all(cfg: Settings, stamp: str) -> tuple[list[ModeRun], dict[str, A
             notes.append(f"tcserve supports --parallel: passed --parallel {cfg.parallel}.")
         else:
             notes.append("tcserve serve --help has no --parallel: it ran without it.")
-    # tcserve variants that run the conversation mode only: without reuse, and reusing generated tokens too.
+    modes = all_modes(cfg)
+    # tcserve variants, each on the rows its flags are about (server_modes): without prefix
+    # reuse and reusing generated tokens too (conversations), without speculation.
     variants = []
-    for variant, flags in ((NO_REUSE, cfg.tcserve_no_reuse_args), (REUSE_ALL, cfg.tcserve_reuse_all_args)):
-        if "tcserve" not in cfg.servers or cfg.conversations == 0:
+    for variant, flags in (
+        (NO_SPEC, cfg.tcserve_no_spec_args),
+        (NO_REUSE, cfg.tcserve_no_reuse_args),
+        (REUSE_ALL, cfg.tcserve_reuse_all_args),
+    ):
+        rows = server_modes(variant, modes)
+        if "tcserve" not in cfg.servers or not rows:
             continue
         if flags_supported(flags, tc_help):
             variants.append(variant)
         else:
-            notes.append(f"{variant} {CONV_LABEL}: n/a (serve --help lacks {shlex.join(flags) or 'its flag'}).")
-    modes = all_modes(cfg)
+            notes.append(f"{variant} {', '.join(rows)}: n/a (serve --help lacks {shlex.join(flags) or 'its flag'}).")
+    if SLOW in cfg.servers and server_modes(SLOW, modes) != modes:
+        notes.append(f"{SLOW} skips the grounded and long rows (one request at a time: minutes at c=4).")
+    if SPEC in cfg.servers:
+        spec_flags = shlex.join(cfg.llama_server_spec_args)
+        notes.append(f"{SPEC} = llama-server + {spec_flags}; it runs the grounded and c=1 rows only.")
     runs: list[ModeRun] = []
     servers_info: dict[str, Any] = {}
     for round_no in range(cfg.repeats):
@@ -99,8 +157,10 @@ async def run_all(cfg: Settings, stamp: str) -> tuple[list[ModeRun], dict[str, A
         order += variants
         print(f"round {round_no + 1}/{cfg.repeats}: {', '.join(order)}", flush=True)
         for name in order:
-            wanted = [CONV_LABEL] if name in variants else modes
-            got, info = await run_one_server(name, cfg, round_no, wanted, tc_help, f"{stamp}-r{round_no + 1}")
+            wanted = server_modes(name, modes)
+            if not wanted:
+                continue
+            got, info = await run_one_server(name, cfg, round_no, wanted, prompts, tc_help, f"{stamp}-r{round_no + 1}")
             runs += got
             servers_info.setdefault(name, []).append(info)
     return runs, servers_info, notes
@@ -130,13 +190,14 @@ def _from_flag(p: argparse.ArgumentParser, f: dataclasses.Field[Any], value: Any
         return str(Path(value or default_gguf()).resolve())
     if cli == "shell":
         return shlex.split(value)
-    if cli == "csv" and f.name == "levels":
+    if cli == "csv" and f.name.endswith("levels"):
         return [int(x) for x in value.split(",") if x.strip()]
     if cli == "csv":
-        servers = [s.strip() for s in value.split(",") if s.strip()]
-        if unknown := [s for s in servers if s not in SERVERS]:
-            p.error(f"unknown server(s): {', '.join(unknown)}")
-        return servers
+        names = [s.strip() for s in value.split(",") if s.strip()]
+        known = SERVERS if f.name == "servers" else WORKLOADS
+        if unknown := [s for s in names if s not in known]:
+            p.error(f"unknown {f.name}: {', '.join(unknown)}")
+        return names
     return value
 
 
@@ -156,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if args.quick:
         for attr, value in QUICK.items():  # requests_per_worker has no flag: set below
             if "--" + attr.replace("_", "-") not in explicit and hasattr(args, attr):
-                setattr(args, attr, cli_text(value) if attr == "levels" else value)
+                setattr(args, attr, cli_text(value) if isinstance(value, list) else value)
     values = {f.name: _from_flag(p, f, getattr(args, flag_name(f)[2:].replace("-", "_"))) for f in flags}
     if args.quick:
         values["requests_per_worker"] = QUICK["requests_per_worker"]
@@ -175,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     stamp = utc_stamp()
     env = environment(cfg)
     counter = TokenCounter(cfg.gguf)
+    prompts = closed_loop_prompts(cfg, counter.count)
     load_before = os.getloadavg()
     try:
-        runs, servers_info, notes = asyncio.run(run_all(cfg, stamp))
+        runs, servers_info, notes = asyncio.run(run_all(cfg, stamp, prompts))
     except KeyboardInterrupt as exc:
         kill_leftovers()
         print(f"interrupted ({exc or 'Ctrl-C'}); every server was stopped, nothing recorded")
@@ -187,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     for (server, mode), st in stats.items():
         if mode == CONV_LABEL and st.prompt_tokens_turn5:
             notes.append(f"{server} {CONV_LABEL}: prompt of turn 5 = {st.prompt_tokens_turn5:.0f} tokens.")
+        if st.copied_share is not None:
+            notes.append(
+                f"{server} {mode}: {st.copied_share:.0%} of output tokens repeat a 3-gram of the prompt or "
+                f"output before them (prompts {st.prompt_tokens:.0f} tokens on average)."
+            )
+        if mode.startswith("long") and st.prompt_tokens:
+            notes.append(f"{server} {mode}: prompts {st.prompt_tokens:.0f} tokens on average (BOS included).")
         if st.errors:
             examples = error_examples([r for r in runs if (r.server, r.mode) == (server, mode)])
             notes.append(f"{server} {mode}: {st.errors} error(s), e.g. {examples[0]}")

@@ -22,9 +22,13 @@ LOGS = CACHE / "logs"
 DEFAULT_LLAMA_SERVER = CACHE / "llama-server-build" / "bin" / "llama-server"
 BUILD_SCRIPT = BENCH / "build_llama_server.sh"
 
-SERVERS = ("tcserve", "llama-server", "llama-cpp-python")
+SPEC = "llama-server[spec]"
+SERVERS = ("tcserve", "llama-server", SPEC, "llama-cpp-python")
 NO_REUSE = "tcserve[no-reuse]"
 REUSE_ALL = "tcserve[reuse-generated]"
+NO_SPEC = "tcserve[no-spec]"
+WORKLOADS = ("text", "rate", "conv", "grounded", "long")
+"""Free-text closed loop (c=N rows), open loop, conversations, grounded and long prompts."""
 
 Cli = Literal["value", "csv", "shell", "switch", "negated", "model-path"]
 """How a field appears on the command line: a plain typed value; a comma-separated
@@ -41,6 +45,14 @@ _NO_REUSE_HELP = (
     "flags that turn tcserve's prefix reuse off, for the extra conversation "
     "row; used only if `serve --help` mentions them, else the row is n/a"
 )
+_NO_SPEC_HELP = (
+    "flags that turn tcserve's speculative decoding off, for the tcserve[no-spec] rows (grounded and c=1); "
+    "used only if `serve --help` mentions them, else the rows are n/a"
+)
+_SPEC_HELP = (
+    "flags added to llama-server's command line for the llama-server[spec] rows: its best n-gram "
+    "speculation mode on the grounded workload at c=1 (bench/spec_modes.py measures the modes)"
+)
 _REUSE_ALL_HELP = (
     "flags that make tcserve reuse generated tokens too, for another conversation row "
     "(n/a if `serve --help` lacks them)"
@@ -52,16 +64,34 @@ class Settings:
     servers: list[str] = field(
         default_factory=lambda: list(SERVERS), metadata=_flag("comma-separated subset of: " + ", ".join(SERVERS), "csv")
     )
+    workloads: list[str] = field(
+        default_factory=lambda: list(WORKLOADS),
+        metadata=_flag("comma-separated subset of: " + ", ".join(WORKLOADS), "csv"),
+    )
     levels: list[int] = field(
         default_factory=lambda: [1, 4, 16], metadata=_flag("closed-loop concurrency levels", "csv")
     )
+    grounded_levels: list[int] = field(
+        default_factory=lambda: [1, 4],
+        metadata=_flag("concurrency levels of the grounded workload (answers that repeat their prompt)", "csv"),
+    )
+    long_levels: list[int] = field(
+        default_factory=lambda: [1, 4], metadata=_flag("concurrency levels of the long-prompt workload", "csv")
+    )
+    long_prompt_tokens: int = field(
+        default=1900,
+        metadata=_flag("prompt tokens of each long prompt, BOS included (at most ctx-size - long-max-tokens - 16)"),
+    )
+    long_max_tokens: int = field(default=32, metadata=_flag("tokens to generate per long-prompt request"))
     requests: int = field(
         default=0,
         metadata=_flag(
-            "requests per closed-loop level (0: {requests_per_worker} x concurrency, {quick} x with --quick)"
+            "requests per closed-loop level (0: {requests_per_worker} x concurrency, {quick} x with --quick; "
+            "grounded rows {grounded} x concurrency)"
         ),
     )
     requests_per_worker: int = 2  # used when requests is 0; QUICK's with --quick
+    grounded_requests_per_worker: int = 3  # one of each grounded kind per worker (also with --quick)
     max_tokens: int = field(default=128, metadata=_flag("tokens to generate per request"))
     threads: int = field(default=2, metadata=_flag("CPU threads for every server"))
     ctx_size: int = field(
@@ -102,7 +132,13 @@ class Settings:
     tcserve_reuse_all_args: list[str] = field(
         default_factory=lambda: ["--reuse-generated"], metadata=_flag(_REUSE_ALL_HELP, "shell")
     )
+    tcserve_no_spec_args: list[str] = field(
+        default_factory=lambda: ["--no-speculative"], metadata=_flag(_NO_SPEC_HELP, "shell")
+    )
     llama_server_args: list[str] = field(default_factory=list, metadata=_flag("extra flags for llama-server", "shell"))
+    llama_server_spec_args: list[str] = field(
+        default_factory=lambda: ["--spec-type", "ngram-mod"], metadata=_flag(_SPEC_HELP, "shell")
+    )
     llama_cpp_python_args: list[str] = field(
         default_factory=list, metadata=_flag("extra flags for python -m llama_cpp.server", "shell")
     )
@@ -119,7 +155,8 @@ class Settings:
         default=False,
         metadata=_flag(
             "smoke run: levels {levels}, C requests per level, {max_tokens} tokens, {repeats} round, {duration} s of "
-            "open loop, {conversations} conversation of {conv_max_tokens}-token turns (explicit flags still win)",
+            "open loop, {conversations} conversation of {conv_max_tokens}-token turns, grounded and long levels "
+            "{grounded_levels} and {long_levels} (explicit flags still win)",
             "switch",
         ),
     )
@@ -127,9 +164,15 @@ class Settings:
     def requests_for(self, concurrency: int) -> int:
         return self.requests or self.requests_per_worker * concurrency
 
+    def long_prompt_budget(self) -> int:
+        """Long-prompt tokens that leave room for the output in one slot (16 to spare)."""
+        return min(self.long_prompt_tokens, self.ctx_size - self.long_max_tokens - 16)
+
 
 QUICK: dict[str, Any] = {
     "levels": [1, 4],
+    "grounded_levels": [1],
+    "long_levels": [1],
     "max_tokens": 32,
     "repeats": 1,
     "duration": 8.0,
@@ -163,5 +206,6 @@ def flag_help(f: dataclasses.Field[Any]) -> str:
     if f.name == "quick":
         return text.format(**{k: cli_text(v) for k, v in QUICK.items()})
     if f.name == "requests":
-        return text.format(requests_per_worker=DEFAULTS.requests_per_worker, quick=QUICK["requests_per_worker"])
+        per_worker, quick = DEFAULTS.requests_per_worker, QUICK["requests_per_worker"]
+        return text.format(requests_per_worker=per_worker, quick=quick, grounded=DEFAULTS.grounded_requests_per_worker)
     return text
