@@ -304,3 +304,34 @@ async def test_a_file_that_is_not_gguf_fails_to_load(tmp_path: Path) -> None:
     with pytest.raises(EngineFailure, match="could not load"):
         await engine.start()
     await engine.aclose()
+
+
+async def test_a_recomputed_answer_is_reused_by_the_next_turn_with_the_same_text() -> None:
+    """An idle engine recomputes a finished answer as aligned prompt chunks, so the
+    next turn reuses it (the default keeps only whole prompt chunks) and still gets
+    exactly the text an engine that reuses nothing computes."""
+    engine = llamacpp_engine(context_size=1024, threads=2, parallel=1)
+    await engine.start()
+    try:
+        prompt = f"{SYSTEM}\n\nHuman: Describe the rivers of Europe.\n\nAssistant:"
+        answer = text_of(await run(engine, request(prompt, 2 * PREFILL_CHUNK)))
+        stats = engine.scheduler_stats
+        assert stats is not None
+        for _ in range(3000):  # the scheduler starts after IDLE_BEFORE_RECOMPUTE; a chunk takes ~0.1-1 s
+            if stats.recomputed_tokens >= PREFILL_CHUNK:
+                break
+            await asyncio.sleep(0.01)
+        assert stats.recomputed_tokens >= PREFILL_CHUNK
+        turn_2 = f"{prompt}{answer}\n\nHuman: And the longest one?\n\nAssistant:"
+        reused = stats.reused_tokens
+        text = text_of(await run(engine, request(turn_2, 16)))
+        prompt_chunks = (await engine.tokenize(request(prompt))).count // PREFILL_CHUNK * PREFILL_CHUNK
+        assert stats.reused_tokens - reused > prompt_chunks  # some of the answer came from the cache
+    finally:
+        await engine.aclose()
+    fresh = llamacpp_engine(context_size=1024, threads=2, parallel=1, prefix_cache=False)
+    await fresh.start()
+    try:
+        assert text_of(await run(fresh, request(turn_2, 16))) == text
+    finally:
+        await fresh.aclose()

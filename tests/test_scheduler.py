@@ -457,3 +457,51 @@ def test_stopping_fails_running_and_waiting_jobs_as_overloaded() -> None:
     assert not thread.is_alive()
     for job in (runner, queued):
         assert isinstance(recorder.outcomes[id(job)][-1], Overloaded)
+
+
+# -- recomputing cached answers as prompt chunks ---------------------------------------
+
+
+def test_an_idle_engine_recomputes_a_cached_answer_as_aligned_prompt_chunks() -> None:
+    harness = Harness(slots=1, slot_context=128)
+    first = harness.submit("Q: tell me. A:", max_tokens=13)
+    assert not harness.scheduler.canonicalize()  # not idle: a request waits
+    harness.run_until_idle()
+    cached = list(harness.model.caches[0])
+    whole = len(cached) // CHUNK * CHUNK
+    before = len(harness.model.decoded)
+    while harness.scheduler.canonicalize():
+        pass
+    recomputed = harness.model.decoded[before:]
+    assert [[(e.position, e.wants_logits) for e in batch] for batch in recomputed] == [
+        [(p, False) for p in range(start, start + CHUNK)] for start in range(len(first.prompt) // CHUNK * CHUNK,
+                                                                             whole, CHUNK)
+    ]  # fmt: skip
+    assert harness.model.caches[0] == cached[:whole]
+    assert harness.scheduler.stats.recomputed_tokens == sum(len(batch) for batch in recomputed) > 0
+    # The next turn reuses the answer's whole chunks, and its text is the one it computes alone.
+    turn_2 = "Q: tell me. A:" + harness.text(first) + " Q: more. A:"
+    reused = harness.scheduler.stats.reused_tokens
+    second = harness.submit(turn_2, max_tokens=6)
+    harness.run_until_idle()
+    assert harness.scheduler.stats.reused_tokens - reused == whole
+    assert harness.text(second) == reference(turn_2, 6)
+
+
+def test_a_newcomer_takes_a_slot_before_its_answer_was_recomputed() -> None:
+    harness = Harness(slots=1, slot_context=128)
+    harness.submit("Q: tell me. A:", max_tokens=13)
+    harness.run_until_idle()
+    assert harness.scheduler.canonicalize()  # one chunk, then a request arrives
+    job = harness.submit("something else entirely", max_tokens=3)
+    harness.run_until_idle()
+    assert harness.text(job) == reference("something else entirely", 3)
+    assert harness.model.caches[0][: len(job.prompt)] == job.prompt
+
+
+@pytest.mark.parametrize("options", [{"reuse_generated": True}, {"prefix_cache": False}])
+def test_nothing_is_recomputed_when_the_cache_is_reused_as_it_is_or_not_at_all(options: dict[str, bool]) -> None:
+    harness = Harness(slots=1, slot_context=128, **options)
+    harness.submit("Q: tell me. A:", max_tokens=13)
+    harness.run_until_idle()
+    assert not harness.scheduler.canonicalize()

@@ -17,13 +17,24 @@ kernels take other paths and greedy results can change slightly.
 Prefix reuse. A finished sequence leaves its cache in its slot. A newcomer
 takes the free slot whose cache shares the most whole chunks with its prompt;
 when that prefix sits in a running sequence, the cache is copied whole (a
-partial copy asserts on a split cache) and trimmed. With `reuse_generated`, any
-shared prefix is reused, generated tokens included (a conversation's next turn
-computes only its new text, as llama-server does); the price is determinism:
-tokens computed one by one while generating, or from a chunk boundary other
-than the canonical one, give slightly different numbers than the same tokens in
-aligned prompt chunks, so a greedy request's text can depend on what the cache
-held before.
+partial copy asserts on a split cache) and trimmed.
+
+Conversations. A finished answer's tokens were computed one step at a time (or
+in speculative batches), so their numbers differ slightly from the same tokens
+in prompt chunks, and reusing them would make a greedy text depend on what the
+cache held before. Instead, once the engine has been idle for
+`IDLE_BEFORE_RECOMPUTE`, it computes the answer's whole chunks again as aligned
+prompt chunks, one chunk a step (`canonicalize`): the next turn then reuses them
+exactly as if they had been prompt. With `reuse_generated`, any shared prefix is
+reused as it is, generated tokens included (a conversation's next turn computes
+only its new text at once, as llama-server does), at the price of that
+determinism.
+
+Speculation (`speculation.py`). A greedy sequence may verify a draft of tokens
+looked up in its own prompt and text: its step carries the sampled token plus the
+draft, each row with logits; the agreed prefix of the draft is kept, the rest
+trimmed from the cache, and the model's token after the last agreed one is
+decoded next step.
 """
 
 from __future__ import annotations
@@ -51,6 +62,10 @@ from tcserve.engines.llamacpp.speculation import (
 from tcserve.errors import EngineFailure, Overloaded
 
 log = logging.getLogger("tcserve.llamacpp")
+
+IDLE_BEFORE_RECOMPUTE = 0.2
+"""Seconds the engine waits idle before it recomputes cached answers (`canonicalize`):
+a request that arrives while a chunk is computed waits for that chunk."""
 
 Outcome = EngineEvent | BaseException
 Deliver = Callable[[list[tuple["Job", Outcome]]], None]
@@ -94,6 +109,10 @@ class Slot:
     not always aligned, with `reuse_generated`: then every cached token counts)."""
     job: Job | None = None
     released_at: int = 0
+    recompute: list[int] = field(default_factory=list)
+    """Cached tokens after `reusable` that make whole chunks (a finished answer's
+    generated text, mostly): computed again as aligned prompt chunks when the engine
+    is idle, so that a conversation's next turn reuses them (`canonicalize`)."""
 
 
 @dataclass
@@ -103,6 +122,8 @@ class Stats:
     generated_tokens: int = 0
     reused_tokens: int = 0
     steps: int = 0
+    recomputed_tokens: int = 0
+    """Cached tokens computed again as aligned prompt chunks while the engine was idle."""
     drafted_tokens: int = 0
     accepted_tokens: int = 0
 
@@ -162,7 +183,9 @@ class Scheduler:
         try:
             while not self._stopping:
                 self._wake.clear()
-                if not self.step():
+                if self.step() or self._wake.wait(IDLE_BEFORE_RECOMPUTE):
+                    continue
+                if not self.canonicalize():
                     self._wake.wait()
         except BaseException as error:  # a bug here must not leave requests hanging
             log.exception("the batching scheduler stopped")
@@ -204,6 +227,37 @@ class Scheduler:
         if not any(slot.job for slot in self._slots):
             return False
         self._decode_step()
+        return True
+
+    def canonicalize(self) -> bool:
+        """On an idle engine, compute one whole chunk of a free slot's cached answer
+        again as a prompt chunk: aligned, alone in its batch, after a prefix that was
+        computed the same way. A prompt that contains the answer then reuses those
+        tokens and gets exactly the numbers it would have computed itself, so the
+        same greedy request gives the same text whatever the cache held before.
+        False when there is nothing to do (or the engine is not idle)."""
+        if self._inbox or self._waiting or any(slot.job for slot in self._slots):
+            return False
+        slot = max((s for s in self._slots if s.recompute), key=lambda s: s.released_at, default=None)
+        if slot is None:
+            return False
+        start, chunk = slot.reusable, slot.recompute[: self._chunk]
+        model = self._model
+        model.forget(slot.index, start)
+        del slot.tokens[start:]
+        model.batch.clear()
+        for offset, token in enumerate(chunk):
+            model.batch.add(token, start + offset, slot.index, False)
+        status = model.decode()
+        self.stats.steps += 1
+        if status != 0:
+            log.warning("llama_decode returned %d while recomputing a cached answer; its cache is dropped", status)
+            self._release(slot, forget=True)
+            return True
+        slot.tokens.extend(chunk)
+        slot.reusable = start + len(chunk)
+        del slot.recompute[: self._chunk]
+        self.stats.recomputed_tokens += len(chunk)
         return True
 
     def _take_inbox(self) -> None:
@@ -250,6 +304,7 @@ class Scheduler:
         self._model.forget(target.index, keep)
         target.tokens = source.tokens[:keep]
         target.reusable = keep
+        target.recompute = []
         return target, keep
 
     def _reusable(self, slot: Slot, prompt: list[int]) -> int:
@@ -437,7 +492,10 @@ class Scheduler:
         slot.released_at = self.stats.steps
         if forget:
             self._model.forget(slot.index)
-            slot.tokens, slot.reusable = [], 0
+            slot.tokens, slot.reusable, slot.recompute = [], 0, []
+        elif self._prefix_cache and not self._reuse_generated:
+            whole = (len(slot.tokens) - slot.reusable) // self._chunk * self._chunk
+            slot.recompute = slot.tokens[slot.reusable : slot.reusable + whole]
 
     def _fail_everyone(self, error: BaseException) -> None:
         jobs = [*self._inbox, *self._waiting, *(s.job for s in self._slots if s.job is not None)]
