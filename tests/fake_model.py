@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from tcserve.engines.llamacpp.speculation import ubatches
+
 BOS = 0
 EOS = 1
 _BYTE0 = 2
@@ -81,6 +83,13 @@ class Entry:
     wants_logits: bool
 
 
+def _rows_per_slot(entries: list[Entry]) -> list[tuple[int, int]]:
+    counts: dict[int, int] = {}
+    for entry in entries:
+        counts[entry.slot] = counts.get(entry.slot, 0) + 1
+    return sorted(counts.items())
+
+
 class FakeBatch:
     def __init__(self) -> None:
         self.entries: list[Entry] = []
@@ -120,12 +129,14 @@ class FakeModel:
         self._rows: dict[int, npt.NDArray[np.float32]] = {}
         self._step_seconds = step_seconds
         self.seconds = 0.0
-        """A clock that each `decode` advances by `step_seconds(rows)`: what the step cost."""
+        """A clock that each `decode` advances by what its passes cost: `step_seconds(rows)`
+        for each, one pass per run of consecutive slots, as llama.cpp makes them
+        (`speculation.ubatches`)."""
 
     def decode(self) -> int:
         entries = list(self.batch.entries)
         self.decoded.append(entries)
-        self.seconds += self._step_seconds(len(entries))
+        self.seconds += sum(self._step_seconds(rows) for rows in ubatches(_rows_per_slot(entries)))
         self._rows = {}
         if status := self.fail_next:
             self.fail_next = 0

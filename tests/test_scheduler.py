@@ -148,29 +148,31 @@ def test_a_character_cut_by_max_tokens_ends_as_a_replacement_character() -> None
 # -- slot choice and prefix reuse -----------------------------------------------------
 
 
-def test_a_newcomer_without_a_shared_prefix_takes_the_least_recently_used_free_slot() -> None:
+def test_a_newcomer_without_a_shared_prefix_takes_the_lowest_free_slot() -> None:
     harness = Harness(slots=3)
-    slots = []
-    for prompt in ("apple", "banana", "cherry", "date", "elder"):  # nothing shared beyond BOS
-        job = harness.submit(prompt)
-        harness.run_until_idle()
-        assert job.slot is not None
-        slots.append(job.slot.index)
-        assert harness.text(job) == reference(prompt, 6)
-    assert slots == [0, 1, 2, 0, 1]
+    jobs = [harness.submit(prompt, max_tokens=2 + 4 * i) for i, prompt in enumerate(("apple", "banana", "cherry"))]
+    harness.run_until_idle()
+    assert [job.slot.index for job in jobs if job.slot] == [0, 1, 2]
+    first = harness.submit("date", max_tokens=30)
+    harness.scheduler.step()
+    second = harness.submit("elder", max_tokens=2)
+    harness.run_until_idle()
+    assert first.slot is not None and second.slot is not None
+    assert (first.slot.index, second.slot.index) == (0, 1)  # consecutive: one pass over the weights a step
+    for job, prompt in zip([*jobs, first, second], ("apple", "banana", "cherry", "date", "elder"), strict=True):
+        assert harness.text(job) == reference(prompt, job.request.max_tokens)
     assert harness.scheduler.stats.reused_tokens == 0
 
 
 def test_a_newcomer_takes_the_slot_that_shares_the_most_whole_chunks() -> None:
     harness = Harness(slots=3)
     harness.submit("abcdefgh-zero", max_tokens=2)  # together, so neither reuses the other: slot 0
-    harness.submit("abcdefghijkl-one", max_tokens=6)  # slot 1, released after slot 0
+    harness.submit("abcdefghijkl-one", max_tokens=6)  # slot 1
+    harness.submit("zzzz", max_tokens=1)  # slot 2
     harness.run_until_idle()
-    harness.submit("zzzz")  # slot 2
-    harness.run_until_idle()
-    assert [len(tokens) for tokens in harness.model.caches] == [15, 22, 10]
+    assert [len(tokens) for tokens in harness.model.caches] == [15, 22, 5]
     decoded_before = len(harness.model.decoded)
-    # Shares BOS + "abcdefgh" (2 chunks) with slot 0, the least recently used, and
+    # Shares BOS + "abcdefgh" (2 chunks) with slot 0, the lowest free slot, and
     # BOS + "abcdefghijkl-" (3 whole chunks of 14 tokens) with slot 1.
     job = harness.submit("abcdefghijkl-new")
     harness.run_until_idle()

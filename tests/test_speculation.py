@@ -15,7 +15,7 @@ import pytest
 
 from fake_model import EOS, Entry, hashed, replying, tokens_of
 from tcserve.core.request import SamplingParams
-from tcserve.engines.llamacpp.speculation import MAX_STEP_DRAFTS, NgramDrafts, StepCosts, plan_drafts
+from tcserve.engines.llamacpp.speculation import MAX_STEP_DRAFTS, NgramDrafts, StepCosts, plan_drafts, ubatches
 from test_scheduler import Harness, reference
 
 PASSAGE = "the quick brown fox jumps over the lazy dog and runs into the woods"
@@ -69,30 +69,45 @@ def measured(cost: object, rows: range) -> StepCosts:
 
 def test_a_memory_bound_step_takes_every_likely_draft_token_within_the_room() -> None:
     costs = measured(flat, range(1, 40))
-    assert plan_drafts(1, [(16, 0.9)], costs, room=100) == [16]
-    assert plan_drafts(1, [(16, 0.9)], costs, room=5) == [5]
-    assert sum(plan_drafts(2, [(16, 0.9), (16, 0.9)], costs, room=100)) == MAX_STEP_DRAFTS
+    assert plan_drafts([0], [(16, 0.9)], costs, room=100) == [16]
+    assert plan_drafts([0], [(16, 0.9)], costs, room=5) == [5]
+    assert sum(plan_drafts([0, 1], [(16, 0.9), (16, 0.9)], costs, room=100)) == MAX_STEP_DRAFTS
 
 
 def test_a_compute_bound_step_takes_no_draft_unless_it_is_nearly_sure() -> None:
     costs = measured(linear, range(1, 60))
-    assert plan_drafts(16, [(8, 0.5)] * 16, costs, room=100) == [0] * 16
+    assert plan_drafts(list(range(16)), [(8, 0.5)] * 16, costs, room=100) == [0] * 16
     # A draft token right 99% of the time adds 0.99 tokens for one row's price: worth it.
-    assert plan_drafts(1, [(1, 0.99)], costs, room=100) == [1]
+    assert plan_drafts([0], [(1, 0.99)], costs, room=100) == [1]
 
 
 def test_likelier_drafts_go_first_and_nothing_is_planned_before_a_step_was_measured() -> None:
     costs = measured(lambda rows: 0.015 + 0.002 * rows, range(1, 40))
-    plan = plan_drafts(2, [(8, 0.95), (8, 0.3)], costs, room=100)
-    assert plan[0] > plan[1]
-    assert plan_drafts(3, [(8, 0.9)], StepCosts(), room=100) == [0]
+    assert plan_drafts([0], [(8, 0.95)], costs, room=100) > plan_drafts([0], [(8, 0.3)], costs, room=100)
+    assert plan_drafts([3], [(8, 0.9)], StepCosts(), room=100) == [0]
 
 
 def test_a_larger_step_than_any_measured_is_tried_once_then_known() -> None:
     costs = measured(linear, range(1, 3))
-    assert plan_drafts(1, [(4, 0.6)], costs, room=100) == [4]  # unknown: optimistic, so it gets measured
+    assert plan_drafts([0], [(4, 0.6)], costs, room=100) == [4]  # unknown: optimistic, so it gets measured
     costs.record(5, linear(5))
-    assert plan_drafts(1, [(4, 0.6)], costs, room=100) == [0]
+    assert plan_drafts([0], [(4, 0.6)], costs, room=100) == [0]
+
+
+def test_llama_cpp_makes_one_pass_per_run_of_consecutive_slots_with_equal_rows() -> None:
+    assert ubatches([(0, 1), (1, 1), (2, 1), (3, 1)]) == [4]
+    assert ubatches([(0, 1), (4, 1), (8, 1)]) == [1, 1, 1]
+    assert ubatches([(0, 17), (1, 1), (2, 1), (3, 1)]) == [4, 16]
+    assert ubatches([(0, 17), (1, 5), (2, 1), (3, 1)]) == [4, 8, 12]
+    assert ubatches([(0, 3), (1, 0), (2, 3)]) == [3, 3]
+
+
+def test_uneven_drafts_that_split_the_batch_into_more_passes_do_not_pay() -> None:
+    costs = measured(lambda rows: 0.018 + 0.002 * rows, range(1, 40))  # a pass costs most
+    assert plan_drafts([0, 1, 2, 3], [(8, 0.9), (0, 0.0), (0, 0.0), (0, 0.0)], costs, room=100) == [0, 0, 0, 0]
+    even = plan_drafts([0, 1, 2, 3], [(8, 0.9)] * 4, costs, room=100)
+    assert len(set(even)) == 1 and even[0] > 0  # the same for each: still one pass
+    assert plan_drafts([0], [(8, 0.9)], costs, room=100) == [8]
 
 
 # -- in the scheduler ---------------------------------------------------------------------
@@ -119,9 +134,14 @@ def test_a_quoting_answer_is_the_plain_greedy_text_in_fewer_steps() -> None:
 def test_drafts_that_are_mostly_wrong_never_change_the_text(seed: int) -> None:
     rng = random.Random(seed)
     prompts = ["".join(rng.choice("ab ") for _ in range(rng.randint(3, 40))) for _ in range(5)]
-    harness = Harness(slots=3, slot_context=128, step_seconds=flat, speculative=True)
-    jobs = [harness.submit(prompt, max_tokens=rng.randint(1, 60)) for prompt in prompts]
+    harness = Harness(slots=2, slot_context=128, step_seconds=flat, speculative=True)
+    jobs = []
+    for prompt in prompts:  # one at a time (a lone sequence drafts whenever it has a match), then two together
+        jobs.append(harness.submit(prompt, max_tokens=rng.randint(1, 60)))
+        harness.run_until_idle()
+    jobs += [harness.submit(prompt, max_tokens=rng.randint(1, 60)) for prompt in prompts[:2]]
     harness.run_until_idle()
+    prompts += prompts[:2]
     for prompt, job in zip(prompts, jobs, strict=True):
         assert harness.text(job) == reference(prompt, job.request.max_tokens)
         assert harness.ending(job)[2] == len(harness.text(job))  # one delta per token

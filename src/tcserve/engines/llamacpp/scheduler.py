@@ -58,6 +58,7 @@ from tcserve.engines.llamacpp.speculation import (
     NgramDrafts,
     StepCosts,
     plan_drafts,
+    ubatches,
 )
 from tcserve.errors import EngineFailure, Overloaded
 
@@ -290,8 +291,11 @@ class Scheduler:
 
     def _choose_slot(self, prompt: list[int]) -> tuple[Slot, int]:
         """The slot for a newcomer and how many cached prompt tokens it keeps."""
-        free = [slot for slot in self._slots if slot.job is None]
-        target = min(free, key=lambda slot: slot.released_at)  # least recently used
+        # The lowest free slot: running sequences then sit in consecutive slots, and
+        # llama.cpp decodes a batch of a split cache in one pass over the weights per run
+        # of consecutive sequence ids (bench/results: 4 sequences decode in 29 ms a step
+        # in slots 0-3, in 74 ms in slots 0, 4, 8 and 12).
+        target = next(slot for slot in self._slots if slot.job is None)
         source, keep = target, 0
         if self._prefix_cache:
             best, most = max(((s, self._reusable(s, prompt)) for s in self._slots), key=lambda pair: pair[1])
@@ -335,7 +339,7 @@ class Scheduler:
         drafts = self._plan_drafts(generating) if not chunks else [[] for _ in generating]
         pairs = zip(generating, drafts, strict=True)
         verifying = [(job, draft, self._add_generated(job, draft)) for job, draft in pairs]
-        rows = sum(len(indexes) for _, _, indexes in verifying)
+        passes = ubatches([(self._slot_of(job), len(indexes)) for job, _, indexes in verifying])
         sampling = [(job, index) for job in chunks for index in self._add_chunk(job)]
         started = self._clock()
         status = self._model.decode()
@@ -347,8 +351,8 @@ class Scheduler:
                 self._verify(job, draft, indexes)
             for job, index in sampling:
                 self._accept(job, self._sample(job, index))
-            if not chunks:
-                self._costs.record(rows, self._clock() - started)
+            if not chunks and len(passes) == 1:  # what one pass of that many rows costs
+                self._costs.record(passes[0], self._clock() - started)
         self._flush()
 
     def _plan_drafts(self, generating: list[Job]) -> list[list[int]]:
@@ -368,13 +372,19 @@ class Scheduler:
         drafts: list[list[int]] = [[] for _ in generating]
         if not offered:
             return drafts
+        offers = [(0, 0.0)] * len(generating)
+        for at, draft in offered:
+            offers[at] = (len(draft), generating[at].acceptance.rate)
         room = len(self._slots) + self._prefill_budget - len(generating)  # the batch's capacity left
-        plan = plan_drafts(
-            len(generating), [(len(draft), generating[at].acceptance.rate) for at, draft in offered], self._costs, room
-        )
-        for (at, draft), count in zip(offered, plan, strict=True):
-            drafts[at] = draft[:count]
+        plan = plan_drafts([self._slot_of(job) for job in generating], offers, self._costs, room)
+        for at, draft in offered:
+            drafts[at] = draft[: plan[at]]
         return drafts
+
+    @staticmethod
+    def _slot_of(job: Job) -> int:
+        assert job.slot is not None
+        return job.slot.index
 
     def _add_generated(self, job: Job, draft: list[int]) -> list[int]:
         """Add the job's sampled token and its draft; every row wants logits. Returns their batch indexes."""

@@ -147,31 +147,64 @@ class StepCosts:
         return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
 
 
-def plan_drafts(base_rows: int, offers: Sequence[tuple[int, float]], costs: StepCosts, room: int) -> list[int]:
-    """How many drafted tokens each offer should verify in a step of `base_rows`
-    ordinary rows, each producing one token (the sequences that generate).
+def ubatches(rows: Sequence[tuple[int, int]]) -> list[int]:
+    """The rows of each pass llama.cpp makes over a batch of a split (non-unified)
+    cache, given each sequence's (slot, rows) in the batch, slots ascending: a pass
+    takes the longest run of consecutive slots from the first with rows left, and the
+    same number of rows from each (llama_batch_allocr::split_equal, sequential). Each
+    pass reads all the weights, so the passes, not the rows, make most of the cost."""
+    left = [[slot, count] for slot, count in rows if count > 0]
+    passes = []
+    while left:
+        run = 1
+        while run < len(left) and left[run][0] == left[run - 1][0] + 1:
+            run += 1
+        each = min(count for _, count in left[:run])
+        passes.append(each * run)
+        for entry in left[:run]:
+            entry[1] -= each
+        left = [entry for entry in left if entry[1] > 0]
+    return passes
 
-    `offers` holds one (tokens available, acceptance rate) per sequence that has a
-    draft. Drafted token j of a sequence with rate a is expected to add a**j tokens
-    (it counts only if all before it were right). The plan takes the most valuable
-    drafted tokens first and keeps the number that maximises expected tokens per
-    predicted second; 0 everywhere when no step of `base_rows` rows was measured yet,
-    or when speculating does not pay."""
-    baseline = costs.predict(base_rows)
-    if baseline is None or not offers:
-        return [0] * len(offers)
+
+def predicted_seconds(rows: Sequence[tuple[int, int]], costs: StepCosts) -> float | None:
+    """A step's predicted seconds: the sum of its passes' (None if one cannot be predicted)."""
+    total = 0.0
+    for size in ubatches(rows):
+        seconds = costs.predict(size)
+        if seconds is None:
+            return None
+        total += seconds
+    return total
+
+
+def plan_drafts(slots: Sequence[int], offers: Sequence[tuple[int, float]], costs: StepCosts, room: int) -> list[int]:
+    """How many drafted tokens each generating sequence should verify in a step.
+
+    `slots` are the generating sequences' slots (ascending), each adding one row that
+    yields one token; `offers` holds, for each, the draft tokens available and its
+    acceptance rate. Drafted token j of a sequence with rate a is expected to add
+    a**j tokens (it counts only if all before it were right). The plan takes the most
+    valuable drafted tokens first and keeps the number that maximises expected
+    tokens per predicted second, at most `room` and MAX_STEP_DRAFTS in all; 0
+    everywhere when the plain step cannot be predicted yet, or when drafting does not
+    pay."""
+    counts = [1] * len(slots)
+    baseline = predicted_seconds(list(zip(slots, counts, strict=True)), costs)
+    plan = [0] * len(slots)
+    if baseline is None or baseline <= 0:
+        return plan
     gains = sorted(
         ((rate**j, index) for index, (available, rate) in enumerate(offers) for j in range(1, available + 1)),
         reverse=True,
     )[: max(0, min(room, MAX_STEP_DRAFTS))]
-    best_count, best_speed, expected = 0, base_rows / baseline, float(base_rows)
-    for count, (gain, _) in enumerate(gains, start=1):
+    best_count, best_speed, expected = 0, len(slots) / baseline, float(len(slots))
+    for count, (gain, index) in enumerate(gains, start=1):
         expected += gain
-        predicted = costs.predict(base_rows + count)
-        assert predicted is not None  # a smaller count was measured
-        if predicted > 0 and expected / predicted > best_speed:
+        counts[index] += 1
+        predicted = predicted_seconds(list(zip(slots, counts, strict=True)), costs)
+        if predicted is not None and predicted > 0 and expected / predicted > best_speed:
             best_count, best_speed = count, expected / predicted
-    plan = [0] * len(offers)
     for _, index in gains[:best_count]:
         plan[index] += 1
     return plan
