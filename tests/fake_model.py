@@ -114,6 +114,8 @@ class FakeModel:
         slot_context: int = 64,
         next_token: NextToken = hashed,
         step_seconds: Callable[[int], float] = lambda rows: 0.01,
+        window: int = 0,
+        cells: int | None = None,
     ) -> None:
         self.vocab = FakeVocab()
         self.slot_context = slot_context
@@ -128,6 +130,11 @@ class FakeModel:
         self._next_token = next_token
         self._rows: dict[int, npt.NDArray[np.float32]] = {}
         self._step_seconds = step_seconds
+        self.window = window
+        """Like a sliding-window layer: a token at p needs the cache of p - window .. p - 1."""
+        self._cells = cells
+        """With a window: the positions a sequence holds (its latest ones); None: all."""
+        self._held_from = [0] * slots
         self.seconds = 0.0
         """A clock that each `decode` advances by what its passes cost: `step_seconds(rows)`
         for each, one pass per run of consecutive slots, as llama.cpp makes them
@@ -147,10 +154,18 @@ class FakeModel:
                 raise FakeModelError(f"slot {entry.slot}: token at {entry.position} after {len(cache)} cached")
             if entry.position >= self.slot_context:
                 raise FakeModelError(f"slot {entry.slot}: position {entry.position} past the context")
+            if self.window and max(0, entry.position - self.window) < self._held_from[entry.slot]:
+                raise FakeModelError(f"slot {entry.slot}: position {entry.position} attends to dropped positions")
             cache.append(entry.token)
             if entry.wants_logits:
                 self._rows[index] = self._logit_row(self._next_token(cache))
+        if self._cells is not None:  # llama.cpp drops what fell out of the window after the batch
+            for slot, cache in enumerate(self.caches):
+                self._held_from[slot] = max(self._held_from[slot], len(cache) - self._cells)
         return 0
+
+    def earliest(self, slot: int) -> int:
+        return self._held_from[slot] if self.caches[slot] else -1
 
     def logits(self, batch_index: int) -> npt.NDArray[np.float32]:
         if batch_index not in self._rows:
@@ -159,10 +174,13 @@ class FakeModel:
 
     def forget(self, slot: int, from_position: int = 0) -> None:
         del self.caches[slot][from_position:]
+        if not self.caches[slot]:
+            self._held_from[slot] = 0
 
     def copy(self, source: int, target: int) -> None:
         self.copies.append((source, target))
         self.caches[target] = list(self.caches[source])
+        self._held_from[target] = self._held_from[source]
 
     @staticmethod
     def _logit_row(token: int) -> npt.NDArray[np.float32]:

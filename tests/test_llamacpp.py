@@ -335,3 +335,31 @@ async def test_a_recomputed_answer_is_reused_by_the_next_turn_with_the_same_text
         assert text_of(await run(fresh, request(turn_2, 16))) == text
     finally:
         await fresh.aclose()
+
+
+async def test_a_prefix_far_behind_the_end_of_a_cached_sequence_is_computed_again() -> None:
+    """Gemma's sliding-window layers keep only their last 768 cells of a sequence, so a
+    prefix that ends more than a window before the cached end cannot be reused: the
+    prompt is computed again, and its text is the text of an engine that reuses nothing."""
+    engine = llamacpp_engine(context_size=2048, threads=2, parallel=1)
+    await engine.start()
+    try:
+        long_prompt = f"{SYSTEM}{SYSTEM}{SYSTEM}\n\nHuman: Go on.\n\nAssistant:"
+        assert (await engine.tokenize(request(long_prompt))).count > 768 + 128  # more than the window layers hold
+        await run(engine, request(long_prompt, 2))
+        stats = engine.scheduler_stats
+        assert stats is not None
+        short = f"{SYSTEM}\n\nHuman: What is the capital of Spain?\n\nAssistant:"
+        reused = stats.reused_tokens
+        text = text_of(await run(engine, request(short, 24)))
+        assert stats.reused_tokens == reused  # the shared chunks lie more than a window behind
+        again = text_of(await run(engine, request(short, 24)))  # right behind the end now: reused
+        assert stats.reused_tokens - reused >= 2 * PREFILL_CHUNK
+    finally:
+        await engine.aclose()
+    fresh = llamacpp_engine(context_size=2048, threads=2, parallel=1, prefix_cache=False)
+    await fresh.start()
+    try:
+        assert text_of(await run(fresh, request(short, 24))) == text == again
+    finally:
+        await fresh.aclose()

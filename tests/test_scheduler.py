@@ -507,3 +507,27 @@ def test_nothing_is_recomputed_when_the_cache_is_reused_as_it_is_or_not_at_all(o
     harness.submit("Q: tell me. A:", max_tokens=13)
     harness.run_until_idle()
     assert not harness.scheduler.canonicalize()
+
+
+# -- sliding-window layers --------------------------------------------------------------
+
+
+def test_a_prefix_whose_window_was_dropped_is_computed_again_not_reused() -> None:
+    # A window of 8 and 16 cells held: after 41 tokens the slot holds positions 25-40 only.
+    harness = Harness(slots=1, slot_context=128, next_token=hashed)
+    harness.model = model = type(harness.model)(slots=1, slot_context=128, window=8, cells=16)
+    harness.scheduler = type(harness.scheduler)(model, harness.handoffs.append, slots=1, chunk=CHUNK,
+                                                prefill_budget=4 * CHUNK)  # fmt: skip
+    long_prompt = "abcdefgh" + "x" * 30
+    harness.submit(long_prompt, max_tokens=2)
+    harness.run_until_idle()
+    assert model.earliest(0) > 8
+    job = harness.submit("abcdefgh and then", max_tokens=4)  # shares 2 whole chunks, far behind the end
+    harness.run_until_idle()
+    assert harness.scheduler.stats.reused_tokens == 0
+    assert harness.text(job) == reference("abcdefgh and then", 4)
+    # A prefix that is still within reach is reused.
+    again = harness.submit("abcdefgh and then some more", max_tokens=4)
+    harness.run_until_idle()
+    assert harness.scheduler.stats.reused_tokens == 16
+    assert harness.text(again) == reference("abcdefgh and then some more", 4)

@@ -33,8 +33,10 @@ DEFAULT_CONTEXT_SIZE = 8192
 DEFAULT_PARALLEL = 8
 """On 2 to 8 cores llama.cpp's batched decode keeps gaining up to ~16 sequences;
 8 slots x 8192 tokens of Gemma 3 270M's cache is about 1.2 GB."""
-DEFAULT_PREFILL_BUDGET = 256
-"""Measured best of 128/256/512 at 16 concurrent clients (README, "Batching")."""
+DEFAULT_PREFILL_BUDGET = 240
+"""256 measured best of 128/256/512 at 16 concurrent clients (README, "Batching"); 240
+so that with 16 slots a step's batch stays at 256 tokens, which keeps llama.cpp's
+sliding-window cache at 768 cells a sequence (1,024 above 256 tokens: 60 MiB more)."""
 DEFAULT_MAX_QUEUE = 64
 MiB = 1024 * 1024
 

@@ -60,6 +60,17 @@ class Model(Protocol):
         """The logit row of a token added with `wants_logits` (valid until the next decode)."""
         ...
 
+    @property
+    def window(self) -> int:
+        """Tokens a sliding-window layer attends to; 0 when the model has none."""
+        ...
+
+    def earliest(self, slot: int) -> int:
+        """The earliest position a sequence's cache still holds in every layer (-1: none).
+        Sliding-window layers drop what falls out of their window, so a sequence can
+        go on from position p only if `max(0, p - window) >= earliest`."""
+        ...
+
     def forget(self, slot: int, from_position: int = 0) -> None:
         """Drop a sequence's cache from `from_position` on."""
         ...

@@ -93,8 +93,12 @@ class Model:
     The KV cache is not unified: each sequence owns `slot_context` cells, so a
     request's limit is fixed and one busy sequence can never starve another of
     cache (a unified cache would share it and could run out mid-generation).
-    `swa_full` keeps the whole history of sliding-window layers, so that a
-    cached prefix can always be trimmed and reused.
+    Sliding-window layers (Gemma 3's, window 512) keep only their window and one
+    batch: llama.cpp sizes that cache as 512 + n_ubatch cells a sequence, rounded
+    up to 256 (768 cells with batches of at most 256 tokens), instead of the whole
+    history (`swa_full`): 300 MiB less for Gemma 3 270M at 16 x 2048. A cached
+    prefix can then be kept only while the window before it is still held
+    (`window`, `earliest`; the scheduler checks).
     """
 
     def __init__(self, path: Path, params: ContextParams) -> None:
@@ -115,6 +119,8 @@ class Model:
         self.vocab = Vocab(llama.llama_model_get_vocab(model))
         self.slot_context: int = llama.llama_n_ctx_seq(context)
         self.batch = Batch(params.batch_tokens)
+        self.window: int = max(0, int(llama.llama_model_n_swa(model)))
+        """Tokens a sliding-window layer attends to (0: the model has none)."""
 
     def chat_metadata(self) -> ChatMetadata:
         """The GGUF's `tokenizer.chat_template` (None without one) and its BOS/EOS texts."""
@@ -151,6 +157,10 @@ class Model:
         """Drop a sequence's cache from `from_position` on (0: all of it)."""
         llama.llama_memory_seq_rm(self._memory, slot, from_position, -1)
 
+    def earliest(self, slot: int) -> int:
+        """The earliest position whose cache the sequence still holds in every layer (-1: none)."""
+        return int(llama.llama_memory_seq_pos_min(self._memory, slot))
+
     def copy(self, source: int, target: int) -> None:
         """Copy a whole sequence's cache (a partial copy asserts on a split cache)."""
         llama.llama_memory_seq_rm(self._memory, target, 0, -1)
@@ -169,7 +179,7 @@ def _context_params(params: ContextParams) -> llama.llama_context_params:
     native.n_seq_max = params.slots
     native.n_threads = native.n_threads_batch = params.threads
     native.kv_unified = False
-    native.swa_full = True
+    native.swa_full = False
     return native  # type: ignore[no-any-return]
 
 

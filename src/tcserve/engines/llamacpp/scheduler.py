@@ -242,6 +242,9 @@ class Scheduler:
         slot = max((s for s in self._slots if s.recompute), key=lambda s: s.released_at, default=None)
         if slot is None:
             return False
+        if not self._can_go_on_from(slot, slot.reusable):  # the answer outgrew the sliding window
+            slot.recompute = []
+            return True
         start, chunk = slot.reusable, slot.recompute[: self._chunk]
         model = self._model
         model.forget(slot.index, start)
@@ -318,7 +321,14 @@ class Scheduler:
         same = 0
         while same < limit and slot.tokens[same] == prompt[same]:
             same += 1
-        return same if self._reuse_generated else same - same % self._chunk
+        keep = same if self._reuse_generated else same - same % self._chunk
+        return keep if self._can_go_on_from(slot, keep) else 0
+
+    def _can_go_on_from(self, slot: Slot, position: int) -> bool:
+        """Whether the slot's cache still holds the window a token at `position` attends
+        to (sliding-window layers drop older tokens as a sequence grows)."""
+        window = self._model.window
+        return not window or position == 0 or max(0, position - window) >= self._model.earliest(slot.index)
 
     def _decode_step(self) -> None:
         batch = self._model.batch
