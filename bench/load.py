@@ -322,10 +322,13 @@ async def open_loop(
     return time.perf_counter() - t0, list(samples)
 
 
-async def conversation(send: Send, index: int, max_tokens: int) -> list[Sample]:
-    """5 turns; turn k's prompt is turn k-1's prompt + its completion + a new question."""
+async def conversation(send: Send, index: int, max_tokens: int, pause: float = 0.0) -> list[Sample]:
+    """5 turns; turn k's prompt is turn k-1's prompt + its completion + a new question,
+    sent `pause` seconds after the answer (a person reading it; 0: an agent's loop)."""
     prompt, samples = conversation_system(index), []
     for turn, question in enumerate(QUESTIONS, start=1):
+        if turn > 1 and pause > 0:
+            await asyncio.sleep(pause)
         prompt += f"{HUMAN} {question}{ASSISTANT}"
         sample = await send(prompt, max_tokens, turn)
         samples.append(sample)
@@ -402,7 +405,7 @@ async def run_server_modes(
         async def conversations() -> tuple[float, list[Sample]]:
             t0, samples = time.perf_counter(), []
             for i in range(cfg.conversations):
-                samples += await conversation(send, i, cfg.conv_max_tokens)
+                samples += await conversation(send, i, cfg.conv_max_tokens, cfg.conv_pause)
             return time.perf_counter() - t0, samples
 
         if cfg.warmup:

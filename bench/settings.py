@@ -113,6 +113,13 @@ class Settings:
         default=2, metadata=_flag("5-turn conversations per server for the prefix-reuse mode (0: skip)")
     )
     conv_max_tokens: int = field(default=64, metadata=_flag("tokens per conversation turn"))
+    conv_pause: float = field(
+        default=0.0,
+        metadata=_flag(
+            "seconds between a conversation turn's answer and the next question (a person reading; "
+            "0: back to back, like an agent loop); turn-5 TTFT is measured either way"
+        ),
+    )
     warmup: bool = field(
         default=True, metadata=_flag("skip the one short unmeasured request sent after each server starts", "negated")
     )
