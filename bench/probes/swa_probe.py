@@ -1,6 +1,6 @@
 """What swa_full=False (llama.cpp's sliding-window cache of n_swa + n_ubatch cells per
 sequence, instead of the whole context) would do to tcserve's cache tricks, next to
-swa_full=True (today's setting), on the packaged Gemma 3 270M (window 512).
+swa_full=True (tcserve's setting until it turned swa_full off), on the packaged Gemma 3 270M (window 512).
 
     python bench/probes/swa_probe.py
 
