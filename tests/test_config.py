@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
+from tcserve.cli.flags import add_settings_flags, given_settings
 from tcserve.config import ConfigError, FakeModel, LlamaCppModel, Settings, load_models
+from tcserve.engines.factory import build_engine
+from tcserve.engines.llamacpp.engine import LlamaCppEngine
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -86,3 +90,13 @@ def test_api_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.api_keys == ("k1", "k2") and settings.port == 9000
     assert Settings(api_keys=("flag",)).api_keys == ("flag",)  # flags win over the environment
+
+
+@pytest.mark.parametrize(("argv", "speculative"), [([], True), (["--no-speculative"], False)])
+def test_no_speculative_turns_speculation_off_for_the_default_model(argv: list[str], speculative: bool) -> None:
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    (model,) = load_models(Settings(**given_settings(parser.parse_args(argv))))
+    assert isinstance(model, LlamaCppModel) and model.speculative is speculative
+    engine = build_engine(model)
+    assert isinstance(engine, LlamaCppEngine) and engine._settings.speculative is speculative

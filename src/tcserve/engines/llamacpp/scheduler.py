@@ -296,8 +296,9 @@ class Scheduler:
         """The slot for a newcomer and how many cached prompt tokens it keeps."""
         # The lowest free slot: running sequences then sit in consecutive slots, and
         # llama.cpp decodes a batch of a split cache in one pass over the weights per run
-        # of consecutive sequence ids (bench/results: 4 sequences decode in 29 ms a step
-        # in slots 0-3, in 74 ms in slots 0, 4, 8 and 12).
+        # of consecutive sequence ids (`speculation.ubatches`; measured on 2 threads,
+        # Gemma 3 270M: 4 sequences decode in 29 ms a step in slots 0-3, in 74 ms in
+        # slots 0, 4, 8 and 12).
         target = next(slot for slot in self._slots if slot.job is None)
         source, keep = target, 0
         if self._prefix_cache:
@@ -344,8 +345,8 @@ class Scheduler:
                 break  # first come, first served: no overtaking by shorter prompts
             chunks.append(job)
             budget -= size
-        # Speculate only in steps that decode generated tokens alone: their cost is
-        # measured per row count; a step carrying prompt chunks is compute-bound already.
+        # Speculate only in steps that decode generated tokens alone: their passes' costs
+        # are known; a step carrying prompt chunks is compute-bound already.
         drafts = self._plan_drafts(generating) if not chunks else [[] for _ in generating]
         pairs = zip(generating, drafts, strict=True)
         verifying = [(job, draft, self._add_generated(job, draft)) for job, draft in pairs]
