@@ -13,10 +13,10 @@ always had; see the scheduler's docstring). Sampled requests are never speculate
 the drafts are greedy guesses, and checking them against a sampled token would need
 rejection sampling against a draft distribution that a lookup does not have.
 
-Whether a step speculates is decided from measured costs (`StepCosts`): drafts are
-added only while the expected tokens per second of the step rise. A batch that is
-already compute-bound (many sequences) gets few or none; one stream on a
-memory-bound CPU gets as many as its acceptance rate makes worth it.
+Whether a step speculates is decided from measured costs (`StepCosts`, one figure
+per llama.cpp pass: `ubatches`): drafts are added only while the expected tokens per
+second of the step rise. A batch of many sequences gets few or none; a lone stream
+gets as many as its acceptance rate makes worth it (a handful at 90%).
 """
 
 from __future__ import annotations
