@@ -44,9 +44,14 @@ class Harness:
         prefill_budget: int = 4 * CHUNK,
         next_token: NextToken = hashed,
         step_seconds: Callable[[int], float] = lambda rows: 0.01,
+        window: int = 0,
+        cells: int | None = None,
         **options: Any,
     ) -> None:
-        self.model = FakeModel(slots=slots, slot_context=slot_context, next_token=next_token, step_seconds=step_seconds)
+        self.model = FakeModel(
+            slots=slots, slot_context=slot_context, next_token=next_token, step_seconds=step_seconds,
+            window=window, cells=cells,
+        )  # fmt: skip
         self.handoffs: list[list[tuple[Job, Outcome]]] = []
         self.scheduler = Scheduler(
             self.model, self.handoffs.append, slots=slots, chunk=CHUNK, prefill_budget=prefill_budget,
@@ -514,10 +519,8 @@ def test_nothing_is_recomputed_when_the_cache_is_reused_as_it_is_or_not_at_all(o
 
 def test_a_prefix_whose_window_was_dropped_is_computed_again_not_reused() -> None:
     # A window of 8 and 16 cells held: after 41 tokens the slot holds positions 25-40 only.
-    harness = Harness(slots=1, slot_context=128, next_token=hashed)
-    harness.model = model = type(harness.model)(slots=1, slot_context=128, window=8, cells=16)
-    harness.scheduler = type(harness.scheduler)(model, harness.handoffs.append, slots=1, chunk=CHUNK,
-                                                prefill_budget=4 * CHUNK)  # fmt: skip
+    harness = Harness(slots=1, slot_context=128, window=8, cells=16)
+    model = harness.model
     long_prompt = "abcdefgh" + "x" * 30
     harness.submit(long_prompt, max_tokens=2)
     harness.run_until_idle()

@@ -194,28 +194,29 @@ class Scheduler:
             raise
         self._fail_everyone(Overloaded("The server is shutting down", retry_after=1.0))
 
-    def calibrate(self, rounds: int = 3) -> None:
+    def calibrate(self, rounds: int = 2) -> None:
         """Time the small batches that speculation chooses between (`StepCosts`), on
-        slot 0 before any request: the fastest of `rounds` timings of each size."""
+        slot 0 before any request: the fastest of `rounds` timings of each size, after
+        one decode that pages the weights in."""
         if not self._speculative:
             return
         model, token = self._model, self._model.vocab.tokenize("a")[-1]
-        best: dict[int, float] = {}
-        for round_number in range(rounds + 1):  # round 0 warms the weights up
-            for rows in CALIBRATION_ROWS:
-                model.batch.clear()
-                for position in range(rows):
-                    model.batch.add(token, position, 0, True)
-                started = self._clock()
-                status = model.decode()
-                elapsed = self._clock() - started
-                model.forget(0)
-                if status != 0:
-                    raise EngineFailure(f"llama_decode returned {status} while timing a {rows}-row batch")
-                if round_number:
-                    best[rows] = min(best.get(rows, elapsed), elapsed)
-        model.batch.clear()
-        self._costs.calibrate(best)
+
+        def timed(rows: int) -> float:
+            model.batch.clear()
+            for position in range(rows):
+                model.batch.add(token, position, 0, True)
+            started = self._clock()
+            status = model.decode()
+            elapsed = self._clock() - started
+            model.forget(0)
+            model.batch.clear()
+            if status != 0:
+                raise EngineFailure(f"llama_decode returned {status} while timing a {rows}-row batch")
+            return elapsed
+
+        timed(1)
+        self._costs.calibrate({rows: min(timed(rows) for _ in range(rounds)) for rows in CALIBRATION_ROWS})
 
     def step(self) -> bool:
         """One round of the worker loop: take newcomers, drop the cancelled, fill free
@@ -369,28 +370,20 @@ class Scheduler:
     def _plan_drafts(self, generating: list[Job]) -> list[list[int]]:
         """Each generating job's draft for this step (most get none): n-gram lookups,
         kept as far as the measured step costs say they pay."""
-        offered: list[tuple[int, list[int]]] = []
-        for position, job in enumerate(generating):
-            if job.drafts is None:
-                continue
-            limit = min(
-                MAX_DRAFT,
-                job.request.max_tokens - job.produced - 1,  # the step yields drafts + 1 tokens
-                self._model.slot_context - 1 - job.position,  # the drafts' positions must fit the slot
-            )
-            if draft := job.drafts.propose(limit):
-                offered.append((position, draft))
-        drafts: list[list[int]] = [[] for _ in generating]
-        if not offered:
-            return drafts
-        offers = [(0, 0.0)] * len(generating)
-        for at, draft in offered:
-            offers[at] = (len(draft), generating[at].acceptance.rate)
+        proposals = [job.drafts.propose(self._draft_limit(job)) if job.drafts else [] for job in generating]
+        if not any(proposals):
+            return proposals
+        offers = [(len(draft), job.acceptance.rate) for job, draft in zip(generating, proposals, strict=True)]
         room = len(self._slots) + self._prefill_budget - len(generating)  # the batch's capacity left
         plan = plan_drafts([self._slot_of(job) for job in generating], offers, self._costs, room)
-        for at, draft in offered:
-            drafts[at] = draft[: plan[at]]
-        return drafts
+        return [draft[:count] for draft, count in zip(proposals, plan, strict=True)]
+
+    def _draft_limit(self, job: Job) -> int:
+        return min(
+            MAX_DRAFT,
+            job.request.max_tokens - job.produced - 1,  # the step yields drafts + 1 tokens
+            self._model.slot_context - 1 - job.position,  # the drafts' positions must fit the slot
+        )
 
     @staticmethod
     def _slot_of(job: Job) -> int:

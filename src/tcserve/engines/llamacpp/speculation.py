@@ -88,8 +88,10 @@ class Acceptance:
         self.tried += tried
 
 
-CALIBRATION_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, MAX_DRAFT + 1)
-"""Batch sizes timed when a model loads: one sequence with up to a whole draft."""
+CALIBRATION_ROWS = (1, 2, 3, 4, 5, 8, 12, MAX_DRAFT + 1)
+"""Batch sizes timed when a model loads: one sequence with up to a whole draft (the
+sizes between are interpolated). llama.cpp's kernels change at 4 and 8 rows, so
+those and their neighbours are timed."""
 
 
 class StepCosts:
@@ -117,20 +119,17 @@ class StepCosts:
     def calibrate(self, seconds: dict[int, float]) -> None:
         """Fix the cost of these row counts (and of every count up to the largest)."""
         for rows, value in seconds.items():
-            self._set(rows, value)
+            self._set(rows, value, smoothing=1.0)
         self._calibrated = max(seconds, default=0)
 
     def record(self, rows: int, seconds: float) -> None:
         if rows > self._calibrated:
-            self._set(rows, seconds)
+            self._set(rows, seconds, smoothing=self._smoothing)
 
-    def _set(self, rows: int, seconds: float) -> None:
+    def _set(self, rows: int, seconds: float, *, smoothing: float) -> None:
         at = bisect.bisect_left(self._rows, rows)
         if at < len(self._rows) and self._rows[at] == rows:
-            learning = rows > self._calibrated
-            self._seconds[at] = (
-                self._seconds[at] + self._smoothing * (seconds - self._seconds[at]) if learning else seconds
-            )
+            self._seconds[at] += smoothing * (seconds - self._seconds[at])
         else:
             self._rows.insert(at, rows)
             self._seconds.insert(at, seconds)
