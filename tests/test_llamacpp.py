@@ -363,3 +363,42 @@ async def test_a_prefix_far_behind_the_end_of_a_cached_sequence_is_computed_agai
         assert text_of(await run(fresh, request(short, 24))) == text == again
     finally:
         await fresh.aclose()
+
+
+async def test_the_calibration_runs_on_the_thread_that_decodes_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ggml's OpenMP threads belong to the thread that calls llama_decode: a calibration
+    on another thread left every later step about 20% slower."""
+    threads: dict[str, threading.Thread] = {}
+    calibrate, decode = Scheduler.calibrate, Model.decode
+
+    def calibrating(scheduler: Scheduler, *args: Any) -> None:
+        threads["calibration"] = threading.current_thread()
+        calibrate(scheduler, *args)
+
+    def decoding(model: Model) -> int:
+        threads.setdefault("step", threading.current_thread())
+        return decode(model)
+
+    monkeypatch.setattr(Scheduler, "calibrate", calibrating)
+    engine = llamacpp_engine(context_size=256, threads=2, parallel=1)
+    await engine.start()
+    try:
+        monkeypatch.setattr(Model, "decode", decoding)
+        assert text_of(await run(engine, request("Hello", max_tokens=2)))
+    finally:
+        await engine.aclose()
+    assert threads["calibration"] is threads["step"] is not threading.main_thread()
+
+
+async def test_a_load_whose_calibration_fails_closes_its_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(scheduler: Scheduler, *args: Any) -> None:
+        raise EngineFailure("llama_decode returned -3 while timing a 1-row batch")
+
+    closed: list[Model] = []
+    close = Model.close
+    monkeypatch.setattr(Scheduler, "calibrate", failing)
+    monkeypatch.setattr(Model, "close", lambda model: (closed.append(model), close(model))[1])
+    engine = llamacpp_engine(context_size=256, threads=2, parallel=1)
+    with pytest.raises(EngineFailure, match="while timing"):
+        await engine.start()
+    assert len(closed) == 1 and not engine.ready

@@ -123,14 +123,33 @@ class LlamaCppEngine:
             prefill_budget=self._prefill_budget, prefix_cache=self._prefix_cache,
             reuse_generated=self._reuse_generated, speculative=self._settings.speculative,
         )  # fmt: skip
+        calibrated: asyncio.Future[None] = self._loop.create_future()
+        thread = threading.Thread(
+            target=self._work, args=(scheduler, calibrated), name="llamacpp-scheduler", daemon=True
+        )
+        thread.start()
         try:
-            await asyncio.to_thread(scheduler.calibrate)  # before the worker thread owns the context
+            await calibrated
         except BaseException:
+            scheduler.stop()
+            await asyncio.to_thread(thread.join)
             model.close()
             raise
-        self._thread = threading.Thread(target=scheduler.run, name="llamacpp-scheduler", daemon=True)
-        self._model, self._scheduler = model, scheduler
-        self._thread.start()
+        self._model, self._scheduler, self._thread = model, scheduler, thread
+
+    def _work(self, scheduler: Scheduler, calibrated: asyncio.Future[None]) -> None:
+        """The worker thread. Every llama_decode runs on it, the calibration's too:
+        ggml's OpenMP threads belong to the thread that calls it, and with the
+        calibration on another thread every later step took about 20% longer
+        (measured: a 4-sequence step 41 ms against 33)."""
+        assert self._loop is not None
+        try:
+            scheduler.calibrate()
+        except BaseException as error:
+            self._loop.call_soon_threadsafe(_settle, calibrated, error)
+            return
+        self._loop.call_soon_threadsafe(_settle, calibrated, None)
+        scheduler.run()
 
     def _chat_template(self, model: Model) -> ChatTemplate | None:
         """The template to render conversations with, or None for raw prompts. A
@@ -258,3 +277,12 @@ class _JobStream:
             self._admission.release()
             if cancel:
                 self._scheduler.cancel(self._job)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the load was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
