@@ -9,6 +9,7 @@ and the generated tokens, whatever was reused or copied.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -268,12 +269,34 @@ def test_newcomers_are_prefilled_first_come_first_served_within_the_budget() -> 
         harness.submit(prompt, max_tokens=8)
     for _ in range(4):
         harness.scheduler.step()
-    assert slots_and_positions(harness.model.decoded) == [
+    assert slots_and_positions(harness.model.decoded) == [  # a llama_decode each
         {0: [0, 1, 2, 3]},
         {0: [4, 5]},  # "z" would fit in the 2 tokens left but does not overtake "xy"
-        {0: [6], 1: [0, 1, 2]},  # generated tokens do not count against the budget
-        {0: [7], 1: [3], 2: [0, 1]},
+        {0: [6]},
+        {1: [0, 1, 2]},  # generated tokens do not count against the budget
+        {0: [7], 1: [3]},
+        {2: [0, 1]},
     ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_prompt_chunk_never_shares_a_batch_with_another_sequence(seed: int) -> None:
+    """llama.cpp would compute a chunk's first rows in one pass with its neighbours' rows,
+    and a cached prefix would then hold numbers that depend on what ran beside it."""
+    rng = random.Random(seed)
+    harness = Harness(slots=4, prefill_budget=3 * CHUNK)
+    jobs = []
+    for _ in range(12):
+        prompt = "".join(rng.choice("abc") for _ in range(rng.randint(1, 5 * CHUNK)))
+        jobs.append(harness.submit(prompt, max_tokens=rng.randint(1, 12)))
+        for _ in range(rng.randint(0, 3)):
+            harness.scheduler.step()
+    harness.run_until_idle()
+    prompt_rows = [batch for batch in harness.model.decoded if any(not entry.wants_logits for entry in batch)]
+    assert len(prompt_rows) > 12  # the test does build batches with chunks
+    assert all(len({entry.slot for entry in batch}) == 1 for batch in prompt_rows)
+    for job in jobs:
+        assert harness.text(job) == reference(job.request.prompt, job.request.max_tokens)
 
 
 def test_a_burst_is_prefilled_in_groups_that_fit_the_budget() -> None:

@@ -1,18 +1,21 @@
 """Continuous batching over one llama.cpp context with N sequence slots.
 
-The scheduler runs on one worker thread and owns the context. Each step builds
-one batch: the next token of every sequence that is generating, plus prompt
+The scheduler runs on one worker thread and owns the context. Each step decodes
+the next token of every sequence that is generating in one batch, then prompt
 chunks of newcomers within a budget, so a long prompt never stalls the running
-streams for more than a chunk. After `llama_decode`, every sequence that got
-logits samples its next token with its own sampler, and the step's events go
-to the event loop in one hand-off.
+streams for more than a few chunks. After each `llama_decode`, every sequence
+that got logits samples its next token with its own sampler, and the step's
+events go to the event loop in one hand-off.
 
 Determinism. Prompts are prefilled in fixed chunks aligned to positions from
-the start of the prompt, one chunk per sequence per step, and a cached prefix
-is reused only in whole chunks. So a prompt is always computed the same way:
-the same greedy request on an otherwise idle server gives the same text, with
-or without prefix reuse. Inside a batch shared with other sequences llama.cpp's
-kernels take other paths and greedy results can change slightly.
+the start of the prompt, one chunk per sequence per step, each chunk in a
+llama_decode of its own, and a cached prefix is reused only in whole chunks.
+So a prompt is always computed the same way: the same greedy request on an
+otherwise idle server gives the same text, with or without prefix reuse, even
+when the prefix was computed while other sequences generated. (llama.cpp's
+numbers for a token depend on the pass that computed it: in a batch shared with
+other sequences its kernels take other paths, so generated tokens under load can
+change slightly, as with any batching server.)
 
 Prefix reuse. A finished sequence leaves its cache in its slot. A newcomer
 takes the free slot whose cache shares the most whole chunks with its prompt;
@@ -333,10 +336,37 @@ class Scheduler:
         return not window or position == 0 or max(0, position - window) >= self._model.earliest(slot.index)
 
     def _decode_step(self) -> None:
-        batch = self._model.batch
-        batch.clear()
         running = [slot.job for slot in self._slots if slot.job is not None]
         generating = [job for job in running if job.pending is not None]
+        chunks = self._chunks_to_prefill(running)
+        # Speculate only in steps that decode generated tokens alone: a step that
+        # prefills is compute-bound already.
+        drafts = self._plan_drafts(generating) if not chunks else [[] for _ in generating]
+        prompt_tokens = sum(self._next_chunk_size(job) for job in chunks)
+        started = self._clock()
+        passes = self._decode_generated(generating, drafts) if generating else []
+        # Each prompt chunk is a llama_decode of its own. In a shared batch llama.cpp puts
+        # a chunk's first rows in one pass with the neighbouring slots' rows, and a
+        # token's numbers depend on the pass that computed it: a cached prefix would then
+        # depend on what ran beside it, and a later request reusing it would not get
+        # the text it gets on an idle server (measured: logits apart by up to 1.35).
+        for job in chunks:
+            self._decode_chunk(job)
+        self.stats.steps += 1
+        log.debug(
+            "step %d: %d generating with %d drafted (passes %s), %d prompt tokens in %d chunks, %.1f ms",
+            self.stats.steps,
+            len(generating),
+            sum(len(draft) for draft in drafts),
+            passes,
+            prompt_tokens,
+            len(chunks),
+            (self._clock() - started) * 1000,
+        )
+        self._flush()
+
+    def _chunks_to_prefill(self, running: list[Job]) -> list[Job]:
+        """The prefilling jobs whose next chunk this step computes, oldest first, within the budget."""
         prefilling = sorted((job for job in running if job.position < len(job.prompt)), key=lambda j: j.admitted)
         chunks: list[Job] = []
         budget = self._prefill_budget
@@ -346,26 +376,36 @@ class Scheduler:
                 break  # first come, first served: no overtaking by shorter prompts
             chunks.append(job)
             budget -= size
-        # Speculate only in steps that decode generated tokens alone: their passes' costs
-        # are known; a step carrying prompt chunks is compute-bound already.
-        drafts = self._plan_drafts(generating) if not chunks else [[] for _ in generating]
+        return chunks
+
+    def _decode_generated(self, generating: list[Job], drafts: list[list[int]]) -> list[int]:
+        """Decode every generating job's sampled token (and its draft) in one batch and
+        take the tokens that come out. Returns the rows of llama.cpp's passes."""
+        self._model.batch.clear()
         pairs = zip(generating, drafts, strict=True)
         verifying = [(job, draft, self._add_generated(job, draft)) for job, draft in pairs]
         passes = ubatches([(self._slot_of(job), len(indexes)) for job, _, indexes in verifying])
-        sampling = [(job, index) for job in chunks for index in self._add_chunk(job)]
         started = self._clock()
         status = self._model.decode()
-        self.stats.steps += 1
         if status != 0:
-            self._fail_batch(running, status)
-        else:
-            for job, draft, indexes in verifying:
-                self._verify(job, draft, indexes)
-            for job, index in sampling:
-                self._accept(job, self._sample(job, index))
-            if not chunks and len(passes) == 1:  # what one pass of that many rows costs
-                self._costs.record(passes[0], self._clock() - started)
-        self._flush()
+            self._fail_batch(generating, status)
+            return passes
+        elapsed = self._clock() - started
+        for job, draft, indexes in verifying:
+            self._verify(job, draft, indexes)
+        if len(passes) == 1:  # what one pass of that many rows costs
+            self._costs.record(passes[0], elapsed)
+        return passes
+
+    def _decode_chunk(self, job: Job) -> None:
+        self._model.batch.clear()
+        indexes = self._add_chunk(job)
+        status = self._model.decode()
+        if status != 0:
+            self._fail_batch([job], status)
+            return
+        for index in indexes:
+            self._accept(job, self._sample(job, index))
 
     def _plan_drafts(self, generating: list[Job]) -> list[list[int]]:
         """Each generating job's draft for this step (most get none): n-gram lookups,
