@@ -143,7 +143,7 @@ class FakeModel:
     def decode(self) -> int:
         entries = list(self.batch.entries)
         self.decoded.append(entries)
-        self.seconds += sum(self._step_seconds(rows) for rows in ubatches(_rows_per_slot(entries)))
+        self.seconds += sum(self._step_seconds(one.rows) for one in ubatches(_rows_per_slot(entries)))
         self._rows = {}
         if status := self.fail_next:
             self.fail_next = 0

@@ -15,7 +15,7 @@ import pytest
 
 from fake_model import EOS, hashed, replying, tokens_of
 from tcserve.core.request import SamplingParams
-from tcserve.engines.llamacpp.speculation import MAX_STEP_DRAFTS, NgramDrafts, StepCosts, plan_drafts, ubatches
+from tcserve.engines.llamacpp.speculation import NgramDrafts, StepCosts, plan_drafts, ubatches
 from test_scheduler import Harness, reference
 
 PASSAGE = "the quick brown fox jumps over the lazy dog and runs into the woods"
@@ -63,7 +63,7 @@ def test_a_suffix_seen_only_once_proposes_nothing() -> None:
 def measured(cost: object, rows: range) -> StepCosts:
     costs = StepCosts()
     for count in rows:
-        costs.record(count, cost(count))  # type: ignore[operator]
+        costs.record(count, 1, cost(count))  # type: ignore[operator]
     return costs
 
 
@@ -71,7 +71,7 @@ def test_a_memory_bound_step_takes_every_likely_draft_token_within_the_room() ->
     costs = measured(flat, range(1, 40))
     assert plan_drafts([0], [(16, 0.9)], costs, room=100) == [16]
     assert plan_drafts([0], [(16, 0.9)], costs, room=5) == [5]
-    assert sum(plan_drafts([0, 1], [(16, 0.9), (16, 0.9)], costs, room=100)) == MAX_STEP_DRAFTS
+    assert sum(plan_drafts([0, 1], [(16, 0.9), (16, 0.9)], costs, room=20)) == 20
 
 
 def test_a_compute_bound_step_takes_no_draft_unless_it_is_nearly_sure() -> None:
@@ -87,19 +87,44 @@ def test_likelier_drafts_go_first_and_nothing_is_planned_before_a_step_was_measu
     assert plan_drafts([3], [(8, 0.9)], StepCosts(), room=100) == [0]
 
 
-def test_a_larger_step_than_any_measured_is_tried_once_then_known() -> None:
+def test_a_larger_step_than_any_measured_costs_what_the_largest_rows_cost_each() -> None:
     costs = measured(linear, range(1, 3))
-    assert plan_drafts([0], [(4, 0.6)], costs, room=100) == [4]  # unknown: optimistic, so it gets measured
-    costs.record(5, linear(5))
-    assert plan_drafts([0], [(4, 0.6)], costs, room=100) == [0]
+    assert costs.predict(40) == pytest.approx(linear(40))
+    assert plan_drafts(list(range(16)), [(8, 0.5)] * 16, costs, room=100) == [0] * 16
+    costs.record(3, 1, linear(1))  # a noisy reading: the line never falls
+    assert costs.predict(40) == pytest.approx(linear(1))
+    assert measured(linear, range(1, 2)).predict(40) == linear(1)  # one figure: nothing to extend
+
+
+def test_passes_of_several_sequences_are_learned_apart_from_a_lone_sequence_s_calibrated_ones() -> None:
+    costs = StepCosts()
+    costs.calibrate({1: 0.018, 4: 0.030, 9: 0.058})  # 5 ms a row from 1 to 9
+    costs.record(4, 1, 0.100)  # a lone sequence's calibrated figures stay
+    assert costs.predict(4, 1) == 0.030
+    assert costs.predict(8, 4) == pytest.approx(0.030 + 4 / 5 * 0.028)  # never measured: as a lone sequence
+    costs.record(4, 4, 0.057)  # four sequences' plain step
+    assert costs.predict(4, 4) == 0.057
+    assert costs.predict(8, 4) == pytest.approx(0.057 + 4 * 0.005)  # the lone sequence's cost a row
+    costs.record(8, 4, 0.100)
+    assert costs.predict(12, 4) == pytest.approx(0.100 + 4 * (0.100 - 0.057) / 4)
+    # Four sequences that a lone sequence's figures would have draft, and their own do not.
+    memory_bound = {1: 0.018, 4: 0.020, 9: 0.024}
+    lone, four = StepCosts(), StepCosts()
+    lone.calibrate(memory_bound)
+    four.calibrate(memory_bound)
+    for rows in (4, 8, 12):
+        four.record(rows, 4, linear(rows))
+    offers = [(8, 0.8)] * 4
+    assert sum(plan_drafts([0, 1, 2, 3], offers, lone, room=12)) > 0
+    assert plan_drafts([0, 1, 2, 3], offers, four, room=12) == [0, 0, 0, 0]
 
 
 def test_llama_cpp_makes_one_pass_per_run_of_consecutive_slots_with_equal_rows() -> None:
-    assert ubatches([(0, 1), (1, 1), (2, 1), (3, 1)]) == [4]
-    assert ubatches([(0, 1), (4, 1), (8, 1)]) == [1, 1, 1]
-    assert ubatches([(0, 17), (1, 1), (2, 1), (3, 1)]) == [4, 16]
-    assert ubatches([(0, 17), (1, 5), (2, 1), (3, 1)]) == [4, 8, 12]
-    assert ubatches([(0, 3), (1, 0), (2, 3)]) == [3, 3]
+    assert ubatches([(0, 1), (1, 1), (2, 1), (3, 1)]) == [(4, 4)]  # (rows, sequences)
+    assert ubatches([(0, 1), (4, 1), (8, 1)]) == [(1, 1), (1, 1), (1, 1)]
+    assert ubatches([(0, 17), (1, 1), (2, 1), (3, 1)]) == [(4, 4), (16, 1)]
+    assert ubatches([(0, 17), (1, 5), (2, 1), (3, 1)]) == [(4, 4), (8, 2), (12, 1)]
+    assert ubatches([(0, 3), (1, 0), (2, 3)]) == [(3, 1), (3, 1)]
 
 
 def test_uneven_drafts_that_split_the_batch_into_more_passes_do_not_pay() -> None:
@@ -225,3 +250,19 @@ def test_a_lone_request_is_computed_in_the_same_batch_shapes_however_noisy_later
     # Prefix reuse makes the first prefill longer than the next ones; the decodes match.
     assert shapes[1] == shapes[2]
     assert shapes[0][-len(shapes[1]) + 1 :] == shapes[1][1:]
+
+
+def test_sequences_that_do_not_draft_yet_learn_how_often_their_drafts_would_be_right() -> None:
+    """Beside another sequence, a draft pays only when it is right more than 55% of the
+    time here; a sequence starts at 50%, so without learning from the lookups it does
+    not verify, it would never draft."""
+    harness = Harness(
+        slots=2, slot_context=256, next_token=replying(EDITED), speculative=True,
+        step_seconds=lambda rows: 0.010 + 0.006 * rows,
+    )  # fmt: skip
+    harness.scheduler.calibrate()
+    jobs = [harness.submit(QUOTE, max_tokens=80) for _ in range(2)]
+    harness.run_until_idle()
+    assert [harness.text(job) for job in jobs] == [EDITED, EDITED]
+    assert harness.scheduler.stats.accepted_tokens > 0
+    assert all(job.acceptance.rate > 0.8 for job in jobs)

@@ -59,8 +59,10 @@ from tcserve.engines.llamacpp.speculation import (
     MAX_DRAFT,
     Acceptance,
     NgramDrafts,
+    Pass,
     StepCosts,
     plan_drafts,
+    predicted_seconds,
     ubatches,
 )
 from tcserve.errors import EngineFailure, Overloaded
@@ -101,6 +103,10 @@ class Job:
     drafts: NgramDrafts | None = None
     """The prompt's and the text's n-grams, for speculation (greedy requests only)."""
     acceptance: Acceptance = field(default_factory=Acceptance)
+    guess: int | None = None
+    """The first token of a lookup that this step does not verify (drafting did not
+    pay): checked against the token the step gives, so that a sequence's acceptance
+    is learned while it is not drafting, and drafting starts once it would pay."""
 
 
 @dataclass(eq=False)
@@ -378,13 +384,18 @@ class Scheduler:
             budget -= size
         return chunks
 
-    def _decode_generated(self, generating: list[Job], drafts: list[list[int]]) -> list[int]:
+    def _decode_generated(self, generating: list[Job], drafts: list[list[int]]) -> list[Pass]:
         """Decode every generating job's sampled token (and its draft) in one batch and
         take the tokens that come out. Returns the rows of llama.cpp's passes."""
         self._model.batch.clear()
         pairs = zip(generating, drafts, strict=True)
         verifying = [(job, draft, self._add_generated(job, draft)) for job, draft in pairs]
-        passes = ubatches([(self._slot_of(job), len(indexes)) for job, _, indexes in verifying])
+        rows = [(self._slot_of(job), len(indexes)) for job, _, indexes in verifying]
+        passes = ubatches(rows)
+        plain = planned = None
+        if len(generating) > 1 and any(drafts):  # what the plan expected the drafts to add
+            plain = predicted_seconds([(slot, 1) for slot, _ in rows], self._costs)
+            planned = predicted_seconds(rows, self._costs)
         started = self._clock()
         status = self._model.decode()
         if status != 0:
@@ -393,8 +404,10 @@ class Scheduler:
         elapsed = self._clock() - started
         for job, draft, indexes in verifying:
             self._verify(job, draft, indexes)
-        if len(passes) == 1:  # what one pass of that many rows costs
-            self._costs.record(passes[0], elapsed)
+        if len(passes) == 1:  # what one pass of that shape costs
+            self._costs.record(passes[0].rows, passes[0].sequences, elapsed)
+        if plain is not None and planned is not None:
+            self._costs.record_shared_drafts(planned - plain, elapsed - plain)
         return passes
 
     def _decode_chunk(self, job: Job) -> None:
@@ -414,8 +427,13 @@ class Scheduler:
         if not any(proposals):
             return proposals
         offers = [(len(draft), job.acceptance.rate) for job, draft in zip(generating, proposals, strict=True)]
-        room = len(self._slots) + self._prefill_budget - len(generating)  # the batch's capacity left
+        # llama.cpp keeps a logit row for each of its sequences, and a step that wants more
+        # grows that buffer for good (1 MiB a row on Gemma): drafts fill the rows of the
+        # sequences that are not generating (and one whole draft when there are few slots).
+        room = max(len(self._slots), MAX_DRAFT + 1) - len(generating)
         plan = plan_drafts([self._slot_of(job) for job in generating], offers, self._costs, room)
+        for job, draft, count in zip(generating, proposals, plan, strict=True):
+            job.guess = draft[0] if draft and not count else None
         return [draft[:count] for draft, count in zip(proposals, plan, strict=True)]
 
     def _draft_limit(self, job: Job) -> int:
@@ -453,6 +471,9 @@ class Scheduler:
             tokens.append(token)
             if offset == len(draft) or token != draft[offset]:
                 break
+        if job.guess is not None:
+            job.acceptance.record(int(tokens[0] == job.guess), 1)
+            job.guess = None
         if draft:
             agreed = len(tokens) - 1
             job.acceptance.record(agreed, min(len(draft), agreed + 1))

@@ -24,16 +24,15 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 LONGEST_MATCH = 4
 """Longest n-gram looked up; the longest one found wins (the likeliest continuation)."""
 SHORTEST_MATCH = 2
-MAX_DRAFT = 16
-"""Tokens one sequence may draft in a step."""
-MAX_STEP_DRAFTS = 32
-"""Drafted rows one step may carry in all: each wants a logit row (1 MiB on Gemma's
-262,144-token vocabulary), and llama.cpp keeps its output buffer at the largest
-number of rows it ever had to return."""
+MAX_DRAFT = 8
+"""Tokens one sequence may draft in a step. At 90-95% acceptance the best draft for a
+lone stream on Gemma 3 270M is 5-9 tokens (a drafted row costs about a third of a
+step); each row wants a logit row, 1 MiB on Gemma's 262,144-token vocabulary."""
 
 
 class NgramDrafts:
@@ -88,71 +87,123 @@ class Acceptance:
         self.tried += tried
 
 
-CALIBRATION_ROWS = (1, 2, 3, 4, 5, 8, 12, MAX_DRAFT + 1)
+CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 8, MAX_DRAFT + 1)
 """Batch sizes timed when a model loads: one sequence with up to a whole draft (the
 sizes between are interpolated). llama.cpp's kernels change at 4 and 8 rows, so
 those and their neighbours are timed."""
 
 
-class StepCosts:
-    """Seconds a decode step takes, by the number of rows in its batch.
+class Pass(NamedTuple):
+    """One pass of llama.cpp over the weights: its rows, and how many sequences they belong to."""
 
-    Small batches (up to one sequence with a whole draft) are timed once, when the
-    model loads (`calibrate`), and those figures stay: so the plan for a lone greedy
-    request depends only on the request, and the same request on an idle server is
-    computed in the same batch shapes, giving the same text. Larger batches are
-    learned from the steps the scheduler runs (an exponential moving average per
-    row count).
+    rows: int
+    sequences: int
 
-    A row count not measured yet is predicted by interpolating its measured
-    neighbours; above the largest measured count it is predicted to cost no more than
-    that one, which is optimistic on purpose: the scheduler then tries the larger
-    batch once and learns what it costs."""
 
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self._smoothing = smoothing
-        self._rows: list[int] = []
-        self._seconds: list[float] = []
-        self._calibrated = 0
-        """Row counts up to this one keep their calibrated figures."""
+class _Curve:
+    """Measured seconds by row count, for passes of one number of sequences."""
 
-    def calibrate(self, seconds: dict[int, float]) -> None:
-        """Fix the cost of these row counts (and of every count up to the largest)."""
-        for rows, value in seconds.items():
-            self._set(rows, value, smoothing=1.0)
-        self._calibrated = max(seconds, default=0)
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.seconds: list[float] = []
 
-    def record(self, rows: int, seconds: float) -> None:
-        if rows > self._calibrated:
-            self._set(rows, seconds, smoothing=self._smoothing)
-
-    def _set(self, rows: int, seconds: float, *, smoothing: float) -> None:
-        at = bisect.bisect_left(self._rows, rows)
-        if at < len(self._rows) and self._rows[at] == rows:
-            self._seconds[at] += smoothing * (seconds - self._seconds[at])
+    def set(self, rows: int, seconds: float, smoothing: float) -> None:
+        at = bisect.bisect_left(self.rows, rows)
+        if at < len(self.rows) and self.rows[at] == rows:
+            self.seconds[at] += smoothing * (seconds - self.seconds[at])
         else:
-            self._rows.insert(at, rows)
-            self._seconds.insert(at, seconds)
+            self.rows.insert(at, rows)
+            self.seconds.insert(at, seconds)
 
-    def predict(self, rows: int) -> float | None:
-        """Predicted seconds for `rows`; None until a step of at most `rows` rows was measured."""
-        at = bisect.bisect_left(self._rows, rows)
-        if at < len(self._rows) and self._rows[at] == rows:
-            return self._seconds[at]
+    def slope(self) -> float:
+        """Seconds per row from the smallest measured count to the largest (never below
+        0): two neighbouring counts one row apart differ by less than their noise."""
+        if len(self.rows) < 2:
+            return 0.0
+        return max(0.0, (self.seconds[-1] - self.seconds[0]) / (self.rows[-1] - self.rows[0]))
+
+    def predict(self, rows: int, slope: float) -> float | None:
+        """Measured, interpolated, or (above the largest count) extended by `slope` a
+        row; None below the smallest count."""
+        at = bisect.bisect_left(self.rows, rows)
+        if at < len(self.rows) and self.rows[at] == rows:
+            return self.seconds[at]
         if at == 0:
             return None
-        if at == len(self._rows):
-            return self._seconds[-1]
-        (r0, s0), (r1, s1) = (self._rows[at - 1], self._seconds[at - 1]), (self._rows[at], self._seconds[at])
+        if at == len(self.rows):
+            return self.seconds[-1] + slope * (rows - self.rows[-1])
+        (r0, s0), (r1, s1) = (self.rows[at - 1], self.seconds[at - 1]), (self.rows[at], self.seconds[at])
         return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
 
 
-def ubatches(rows: Sequence[tuple[int, int]]) -> list[int]:
-    """The rows of each pass llama.cpp makes over a batch of a split (non-unified)
-    cache, given each sequence's (slot, rows) in the batch, slots ascending: a pass
-    takes the longest run of consecutive slots from the first with rows left, and the
-    same number of rows from each (llama_batch_allocr::split_equal, sequential). Each
-    pass reads all the weights, so the passes, not the rows, make most of the cost."""
+class StepCosts:
+    """Seconds a llama.cpp pass takes, by its rows and by the sequences they belong
+    to: several sequences cost more than one sequence with as many rows (each has its
+    own attention; measured on 2 threads: 4 rows 42 ms in one sequence, 57 ms in four).
+
+    A lone sequence's passes, up to one whole draft, are timed once when the model
+    loads (`calibrate`), and those figures stay: so the plan for a lone greedy request
+    depends only on the request, and the same request on an idle server is computed
+    in the same batch shapes, giving the same text. Every other pass is learned from
+    the steps the scheduler runs (an exponential moving average per row count and
+    number of sequences): a plain step of n sequences is one such pass.
+
+    A pass not measured yet is predicted by interpolating its measured neighbours of
+    the same number of sequences; above the largest, by extending that curve by its
+    cost a row (from its smallest count to its largest; the lone sequence's, when it
+    has one count); for a number of sequences never measured, as a lone sequence of
+    as many rows. Predicting an unmeasured large pass as cheap instead, to have it tried
+    once, made every larger size a slow step for every running sequence, and those
+    steps were the c=16 ITL tail."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self._smoothing = smoothing
+        self._curves: dict[int, _Curve] = {}
+        self._calibrated = 0
+        """A lone sequence's row counts up to this one keep their calibrated figures."""
+        self.shared_drafts = 1.0
+        """What drafts have cost, over what their passes were predicted to cost, in
+        steps of several sequences. Their extra passes are predicted from a lone
+        sequence's calibrated figures, timed at the start of a context: beside other
+        sequences, later in long contexts, they cost more (measured: 2-3 times). A lone
+        sequence's plan never uses it (see above)."""
+
+    def calibrate(self, seconds: dict[int, float]) -> None:
+        """Fix the cost of these row counts of a lone sequence (and of every count up to the largest)."""
+        for rows, value in seconds.items():
+            self._curve(1).set(rows, value, smoothing=1.0)
+        self._calibrated = max(seconds, default=0)
+
+    def record(self, rows: int, sequences: int, seconds: float) -> None:
+        if sequences > 1 or rows > self._calibrated:
+            self._curve(sequences).set(rows, seconds, smoothing=self._smoothing)
+
+    def record_shared_drafts(self, predicted: float, measured: float) -> None:
+        """The extra seconds that a step of several sequences' drafts were predicted to add, and did add."""
+        if predicted > 0:
+            ratio = min(max(measured / predicted, 0.5), 10.0)
+            self.shared_drafts += self._smoothing * (ratio - self.shared_drafts)
+
+    def predict(self, rows: int, sequences: int = 1) -> float | None:
+        """Predicted seconds of a pass; None until a lone sequence's pass of at most `rows` rows was measured."""
+        lone = self._curves.get(1)
+        curve = self._curves.get(sequences)
+        if sequences > 1 and curve is not None:
+            seconds = curve.predict(rows, curve.slope() or (lone.slope() if lone else 0.0))
+            if seconds is not None:
+                return seconds
+        return lone.predict(rows, lone.slope()) if lone else None
+
+    def _curve(self, sequences: int) -> _Curve:
+        return self._curves.setdefault(sequences, _Curve())
+
+
+def ubatches(rows: Sequence[tuple[int, int]]) -> list[Pass]:
+    """The passes llama.cpp makes over a batch of a split (non-unified) cache, given
+    each sequence's (slot, rows) in the batch, slots ascending: a pass takes the
+    longest run of consecutive slots from the first with rows left, and the same
+    number of rows from each (llama_batch_allocr::split_equal, sequential). Each pass
+    reads all the weights, so the passes, not the rows, make most of the cost."""
     left = [[slot, count] for slot, count in rows if count > 0]
     passes = []
     while left:
@@ -160,7 +211,7 @@ def ubatches(rows: Sequence[tuple[int, int]]) -> list[int]:
         while run < len(left) and left[run][0] == left[run - 1][0] + 1:
             run += 1
         each = min(count for _, count in left[:run])
-        passes.append(each * run)
+        passes.append(Pass(each * run, run))
         for entry in left[:run]:
             entry[1] -= each
         left = [entry for entry in left if entry[1] > 0]
@@ -170,8 +221,8 @@ def ubatches(rows: Sequence[tuple[int, int]]) -> list[int]:
 def predicted_seconds(rows: Sequence[tuple[int, int]], costs: StepCosts) -> float | None:
     """A step's predicted seconds: the sum of its passes' (None if one cannot be predicted)."""
     total = 0.0
-    for size in ubatches(rows):
-        seconds = costs.predict(size)
+    for one in ubatches(rows):
+        seconds = costs.predict(one.rows, one.sequences)
         if seconds is None:
             return None
         total += seconds
@@ -186,9 +237,10 @@ def plan_drafts(slots: Sequence[int], offers: Sequence[tuple[int, float]], costs
     acceptance rate. Drafted token j of a sequence with rate a is expected to add
     a**j tokens (it counts only if all before it were right). The plan takes the most
     valuable drafted tokens first and keeps the number that maximises expected
-    tokens per predicted second, at most `room` and MAX_STEP_DRAFTS in all; 0
-    everywhere when the plain step cannot be predicted yet, or when drafting does not
-    pay."""
+    tokens per predicted second, at most `room` in all; 0 everywhere when the plain
+    step cannot be predicted yet, or when drafting does not pay. With several
+    sequences, what drafts add to the plain step is scaled by what they were seen to
+    cost (`StepCosts.shared_drafts`)."""
     counts = [1] * len(slots)
     baseline = predicted_seconds(list(zip(slots, counts, strict=True)), costs)
     plan = [0] * len(slots)
@@ -197,12 +249,14 @@ def plan_drafts(slots: Sequence[int], offers: Sequence[tuple[int, float]], costs
     gains = sorted(
         ((rate**j, index) for index, (available, rate) in enumerate(offers) for j in range(1, available + 1)),
         reverse=True,
-    )[: max(0, min(room, MAX_STEP_DRAFTS))]
+    )[: max(0, room)]
     best_count, best_speed, expected = 0, len(slots) / baseline, float(len(slots))
     for count, (gain, index) in enumerate(gains, start=1):
         expected += gain
         counts[index] += 1
         predicted = predicted_seconds(list(zip(slots, counts, strict=True)), costs)
+        if predicted is not None and len(slots) > 1:
+            predicted = baseline + costs.shared_drafts * (predicted - baseline)
         if predicted is not None and predicted > 0 and expected / predicted > best_speed:
             best_count, best_speed = count, expected / predicted
     for _, index in gains[:best_count]:
