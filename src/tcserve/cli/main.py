@@ -8,9 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import ValidationError
 
 from tcserve import __version__, logs
@@ -20,6 +19,9 @@ from tcserve.cli.flags import add_settings_flags, given_settings
 from tcserve.config import ConfigError, Settings, load_models
 from tcserve.core import transcript
 from tcserve.errors import validation_message
+
+if TYPE_CHECKING:  # the client commands import httpx when they run: `serve` never needs it (5 MiB resident)
+    import httpx
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
@@ -199,6 +201,8 @@ class ClientError(Exception):
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
+    import httpx
+
     headers = {"anthropic-version": "2023-06-01"}
     if args.api_key:
         headers["x-api-key"] = args.api_key
@@ -228,6 +232,8 @@ def _complete(args: argparse.Namespace) -> int:
                         ("stop", "stop_sequences")):  # fmt: skip
         if getattr(args, flag) is not None:
             body[field] = getattr(args, flag)
+    import httpx
+
     try:
         with _client(args) as client, client.stream("POST", "/v1/complete", json=body) as response:
             _print_stream(response)
@@ -255,6 +261,8 @@ def _print_stream(response: httpx.Response) -> None:
 
 
 def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    import httpx
+
     try:
         return client.request(method, path, **kwargs)
     except httpx.TransportError as error:

@@ -6,11 +6,14 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tcserve.config import FakeModel, LlamaCppModel, ServedModel, UpstreamModel, default_threads
 from tcserve.engines.base import Engine
 from tcserve.engines.fake import FakeEngine, FakeSettings
-from tcserve.engines.upstream.engine import UpstreamEngine, UpstreamSettings
+
+if TYPE_CHECKING:
+    from tcserve.engines.upstream.engine import UpstreamSettings
 
 
 def build_engine(model: ServedModel) -> Engine:
@@ -26,9 +29,13 @@ def build_engine(model: ServedModel) -> Engine:
                 capacity=model.capacity,
             )
         )
+    # Each engine's module is imported only when a model needs it: llama.cpp (and numpy)
+    # for local files, httpx (5 MiB resident) for upstreams.
     if isinstance(model, UpstreamModel):
+        from tcserve.engines.upstream.engine import UpstreamEngine
+
         return UpstreamEngine(upstream_settings(model))
-    from tcserve.engines.llamacpp.engine import LlamaCppEngine, LlamaCppSettings  # imports llama.cpp only when needed
+    from tcserve.engines.llamacpp.engine import LlamaCppEngine, LlamaCppSettings
 
     return LlamaCppEngine(
         LlamaCppSettings(
@@ -57,6 +64,8 @@ def chat_template_text(model: LlamaCppModel) -> str | None:
 
 
 def upstream_settings(model: UpstreamModel) -> UpstreamSettings:
+    from tcserve.engines.upstream.engine import UpstreamSettings
+
     return UpstreamSettings(
         model=model.upstream_model or model.name,
         urls=tuple(str(url) for url in model.urls),
