@@ -119,6 +119,18 @@ def test_passes_of_several_sequences_are_learned_apart_from_a_lone_sequence_s_ca
     assert plan_drafts([0, 1, 2, 3], offers, four, room=12) == [0, 0, 0, 0]
 
 
+def test_drafts_beside_other_sequences_are_planned_at_what_they_were_seen_to_cost() -> None:
+    costs = StepCosts()
+    costs.calibrate({1: 0.018, 4: 0.024, 9: 0.034})  # 2 ms a row: drafts look cheap
+    costs.record(2, 2, 0.020)
+    offers = [(8, 0.8), (8, 0.8)]
+    assert sum(plan_drafts([0, 1], offers, costs, room=14)) > 0
+    for _ in range(30):
+        costs.record_shared_drafts(predicted=0.004, measured=0.040)  # ten times the prediction
+    assert plan_drafts([0, 1], offers, costs, room=14) == [0, 0]
+    assert plan_drafts([0], [(8, 0.8)], costs, room=14) != [0]  # a lone sequence's plan never uses it
+
+
 def test_llama_cpp_makes_one_pass_per_run_of_consecutive_slots_with_equal_rows() -> None:
     assert ubatches([(0, 1), (1, 1), (2, 1), (3, 1)]) == [(4, 4)]  # (rows, sequences)
     assert ubatches([(0, 1), (4, 1), (8, 1)]) == [(1, 1), (1, 1), (1, 1)]

@@ -49,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
 from tcserve.engines.llamacpp.model import Model
@@ -103,10 +103,18 @@ class Job:
     drafts: NgramDrafts | None = None
     """The prompt's and the text's n-grams, for speculation (greedy requests only)."""
     acceptance: Acceptance = field(default_factory=Acceptance)
-    guess: int | None = None
-    """The first token of a lookup that this step does not verify (drafting did not
-    pay): checked against the token the step gives, so that a sequence's acceptance
-    is learned while it is not drafting, and drafting starts once it would pay."""
+
+
+class Lookup(NamedTuple):
+    """A generating job's n-gram proposal for one step, and how many of its tokens the
+    step verifies as a draft (often none: drafting did not pay)."""
+
+    proposal: list[int]
+    verified: int = 0
+
+    @property
+    def draft(self) -> list[int]:
+        return self.proposal[: self.verified]
 
 
 @dataclass(eq=False)
@@ -347,10 +355,11 @@ class Scheduler:
         chunks = self._chunks_to_prefill(running)
         # Speculate only in steps that decode generated tokens alone: a step that
         # prefills is compute-bound already.
-        drafts = self._plan_drafts(generating) if not chunks else [[] for _ in generating]
-        prompt_tokens = sum(self._next_chunk_size(job) for job in chunks)
+        lookups = self._plan_drafts(generating) if not chunks else [Lookup([]) for _ in generating]
+        debugging = log.isEnabledFor(logging.DEBUG)
+        prompt_tokens = sum(self._next_chunk_size(job) for job in chunks) if debugging else 0
         started = self._clock()
-        passes = self._decode_generated(generating, drafts) if generating else []
+        passes = self._decode_generated(generating, lookups) if generating else []
         # Each prompt chunk is a llama_decode of its own. In a shared batch llama.cpp puts
         # a chunk's first rows in one pass with the neighbouring slots' rows, and a
         # token's numbers depend on the pass that computed it: a cached prefix would then
@@ -359,16 +368,17 @@ class Scheduler:
         for job in chunks:
             self._decode_chunk(job)
         self.stats.steps += 1
-        log.debug(
-            "step %d: %d generating with %d drafted (passes %s), %d prompt tokens in %d chunks, %.1f ms",
-            self.stats.steps,
-            len(generating),
-            sum(len(draft) for draft in drafts),
-            passes,
-            prompt_tokens,
-            len(chunks),
-            (self._clock() - started) * 1000,
-        )
+        if debugging:
+            log.debug(
+                "step %d: %d generating with %d drafted (passes %s), %d prompt tokens in %d chunks, %.1f ms",
+                self.stats.steps,
+                len(generating),
+                sum(lookup.verified for lookup in lookups),
+                passes,
+                prompt_tokens,
+                len(chunks),
+                (self._clock() - started) * 1000,
+            )
         self._flush()
 
     def _chunks_to_prefill(self, running: list[Job]) -> list[Job]:
@@ -384,16 +394,16 @@ class Scheduler:
             budget -= size
         return chunks
 
-    def _decode_generated(self, generating: list[Job], drafts: list[list[int]]) -> list[Pass]:
+    def _decode_generated(self, generating: list[Job], lookups: list[Lookup]) -> list[Pass]:
         """Decode every generating job's sampled token (and its draft) in one batch and
         take the tokens that come out. Returns the rows of llama.cpp's passes."""
         self._model.batch.clear()
-        pairs = zip(generating, drafts, strict=True)
-        verifying = [(job, draft, self._add_generated(job, draft)) for job, draft in pairs]
+        pairs = zip(generating, lookups, strict=True)
+        verifying = [(job, lookup, self._add_generated(job, lookup.draft)) for job, lookup in pairs]
         rows = [(self._slot_of(job), len(indexes)) for job, _, indexes in verifying]
         passes = ubatches(rows)
         plain = planned = None
-        if len(generating) > 1 and any(drafts):  # what the plan expected the drafts to add
+        if len(generating) > 1 and any(lookup.verified for lookup in lookups):  # what the drafts were to add
             plain = predicted_seconds([(slot, 1) for slot, _ in rows], self._costs)
             planned = predicted_seconds(rows, self._costs)
         started = self._clock()
@@ -402,8 +412,8 @@ class Scheduler:
             self._fail_batch(generating, status)
             return passes
         elapsed = self._clock() - started
-        for job, draft, indexes in verifying:
-            self._verify(job, draft, indexes)
+        for job, lookup, indexes in verifying:
+            self._verify(job, lookup, indexes)
         if len(passes) == 1:  # what one pass of that shape costs
             self._costs.record(passes[0].rows, passes[0].sequences, elapsed)
         if plain is not None and planned is not None:
@@ -420,21 +430,19 @@ class Scheduler:
         for index in indexes:
             self._accept(job, self._sample(job, index))
 
-    def _plan_drafts(self, generating: list[Job]) -> list[list[int]]:
-        """Each generating job's draft for this step (most get none): n-gram lookups,
-        kept as far as the measured step costs say they pay."""
+    def _plan_drafts(self, generating: list[Job]) -> list[Lookup]:
+        """Each generating job's lookup for this step, verified as far as the measured
+        step costs say it pays (most steps: not at all)."""
         proposals = [job.drafts.propose(self._draft_limit(job)) if job.drafts else [] for job in generating]
         if not any(proposals):
-            return proposals
+            return [Lookup(proposal) for proposal in proposals]
         offers = [(len(draft), job.acceptance.rate) for job, draft in zip(generating, proposals, strict=True)]
         # llama.cpp keeps a logit row for each of its sequences, and a step that wants more
         # grows that buffer for good (1 MiB a row on Gemma): drafts fill the rows of the
         # sequences that are not generating (and one whole draft when there are few slots).
         room = max(len(self._slots), MAX_DRAFT + 1) - len(generating)
         plan = plan_drafts([self._slot_of(job) for job in generating], offers, self._costs, room)
-        for job, draft, count in zip(generating, proposals, plan, strict=True):
-            job.guess = draft[0] if draft and not count else None
-        return [draft[:count] for draft, count in zip(proposals, plan, strict=True)]
+        return [Lookup(proposal, count) for proposal, count in zip(proposals, plan, strict=True)]
 
     def _draft_limit(self, job: Job) -> int:
         return min(
@@ -461,19 +469,22 @@ class Scheduler:
         job.pending = None
         return indexes
 
-    def _verify(self, job: Job, draft: list[int], indexes: list[int]) -> None:
+    def _verify(self, job: Job, lookup: Lookup, indexes: list[int]) -> None:
         """Take the model's token at each drafted position while the draft agrees with
         it: the agreed draft tokens are in the cache already, the rest is dropped, and
         the model's token after the last agreed one is decoded next step."""
+        draft = lookup.draft
         tokens = []
         for offset, index in enumerate(indexes):
             token = self._sample(job, index)
             tokens.append(token)
             if offset == len(draft) or token != draft[offset]:
                 break
-        if job.guess is not None:
-            job.acceptance.record(int(tokens[0] == job.guess), 1)
-            job.guess = None
+        if lookup.proposal and not draft:
+            # A lookup the step did not verify is checked all the same, so that the job's
+            # acceptance is learned while it is not drafting, and drafting starts once it
+            # would pay (at the 1/2 prior, four sequences side by side never drafted).
+            job.acceptance.record(int(tokens[0] == lookup.proposal[0]), 1)
         if draft:
             agreed = len(tokens) - 1
             job.acceptance.record(agreed, min(len(draft), agreed + 1))
