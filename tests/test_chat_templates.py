@@ -154,3 +154,17 @@ def test_a_conversation_the_template_rejects_is_the_callers_mistake() -> None:
 def test_the_sandbox_holds() -> None:
     with pytest.raises(EngineFailure, match=r"SecurityError|unsafe"):
         load_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", bos_token="", eos_token="")
+
+
+@pytest.mark.parametrize(
+    ("name", "opening"),
+    [
+        ("google-gemma-3-it", "<end_of_turn>\n<start_of_turn>user\n"),
+        ("Qwen-Qwen2.5-7B-Instruct", "<|im_end|>\n<|im_start|>user\n"),
+        ("meta-llama-Llama-3.1-8B-Instruct", "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"),
+        ("mistralai-Mistral-Nemo-Instruct-2407", "</s>[INST]"),
+    ],
+)
+def test_a_template_shows_what_opens_a_users_turn_after_an_answer(name: str, opening: str) -> None:
+    """Where the engine cuts prompt chunks, so that a next turn reuses the answer."""
+    assert template(name).turn_opening() == opening

@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tcserve.core.request import Finished, GenerationRequest, SamplingParams
+from tcserve.core.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from tcserve.core.transcript import HUMAN_TURN
 from tcserve.engines.llamacpp.engine import PREFILL_CHUNK, default_model_path
 from tcserve.engines.llamacpp.native import ContextParams, Model
 from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler
@@ -87,5 +88,41 @@ def test_a_prefix_prefilled_beside_a_generating_sequence_is_reused_with_the_numb
     alone = Scheduler(model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, prefix_cache=False)
     third, fresh = submit(alone, follow_up, max_tokens=1)
     run_until_done(alone, outcomes, third)
+    assert reusing.first is not None and fresh.first is not None
+    assert np.array_equal(reusing.first, fresh.first), f"max difference {np.abs(reusing.first - fresh.first).max()}"
+
+
+def test_a_conversations_next_turn_reuses_the_recomputed_answer_with_the_numbers_of_a_lone_prompt(
+    model: Model,
+) -> None:
+    """Each turn is cut from its own start (`chunks.py`), and the idle engine computes
+    an answer again up to where the next turn starts: the next turn then reuses the
+    whole earlier transcript, partial chunks included, and its logits are those of
+    the same prompt on an engine that reuses nothing."""
+    marker = model.vocab.tokenize(HUMAN_TURN, False)
+    turn_1 = "Notes for the meeting.\n\nHuman: Summarise these notes.\n\n" + PASSAGE * 2 + "\n\nAssistant:"
+    outcomes: list[tuple[Job, Outcome]] = []
+    warm = Scheduler(model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, turn_marker=marker)
+    first, _ = submit(warm, turn_1, max_tokens=40)
+    run_until_done(warm, outcomes, first)
+    answer = "".join(o.text for owner, o in outcomes if owner is first and isinstance(o, TextDelta))
+    while warm.canonicalize():
+        pass
+    turn_2 = f"{turn_1}{answer}{HUMAN_TURN} And the cafe?\n\nAssistant:"
+    reused = warm.stats.reused_tokens
+    second, reusing = submit(warm, turn_2, max_tokens=1)
+    run_until_done(warm, outcomes, second)
+    assert warm.stats.recomputed_tokens > 0
+    # Everything up to the new turn's marker: turn 1 and all of its answer.
+    assert warm.stats.reused_tokens - reused == len(model.vocab.tokenize(f"{turn_1}{answer}"))
+
+    model.forget(0)
+    model.forget(1)
+    cold = Scheduler(
+        model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, prefix_cache=False,
+        turn_marker=marker,
+    )  # fmt: skip
+    third, fresh = submit(cold, turn_2, max_tokens=1)
+    run_until_done(cold, outcomes, third)
     assert reusing.first is not None and fresh.first is not None
     assert np.array_equal(reusing.first, fresh.first), f"max difference {np.abs(reusing.first - fresh.first).max()}"

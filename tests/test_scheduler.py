@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 
-from fake_model import EOS, Entry, FakeModel, FakeVocab, NextToken, hashed, replying, token_of
+from fake_model import EOS, Entry, FakeModel, FakeVocab, NextToken, hashed, replying, token_of, tokens_of
 from tcserve.core.request import Finished, GenerationRequest, SamplingParams, TextDelta
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler
 from tcserve.errors import EngineFailure, Overloaded
 
 CHUNK = 4
+MARKER = " Q:"
+"""The fake conversations' turn marker."""
 GREEDY = SamplingParams(temperature=0.0)
 WAIT = 10.0
 """Bound on any wait for the scheduler's thread (it needs milliseconds)."""
@@ -492,30 +494,54 @@ def test_stopping_fails_running_and_waiting_jobs_as_overloaded() -> None:
 # -- recomputing cached answers as prompt chunks ---------------------------------------
 
 
-def test_an_idle_engine_recomputes_a_cached_answer_as_aligned_prompt_chunks() -> None:
-    harness = Harness(slots=1, slot_context=128)
-    first = harness.submit("Q: tell me. A:", max_tokens=13)
+def test_an_idle_engine_recomputes_a_cached_answer_as_prompt_chunks_up_to_the_next_turn() -> None:
+    harness = Harness(slots=1, slot_context=128, turn_marker=tokens_of(MARKER))
+    first = harness.submit("Q: tell me. A:", max_tokens=14)  # 15 + 14 tokens: the last chunk is partial
     assert not harness.scheduler.canonicalize()  # not idle: a request waits
     harness.run_until_idle()
-    cached = list(harness.model.caches[0])
-    whole = len(cached) // CHUNK * CHUNK
+    turn = len(first.prompt) + 14
     before = len(harness.model.decoded)
     while harness.scheduler.canonicalize():
         pass
     recomputed = harness.model.decoded[before:]
+    # Cut as a prompt holding the answer is cut: whole chunks, then the rest, from the
+    # last prompt chunk that was whole; the last streamed token (never decoded) included.
     assert [[(e.position, e.wants_logits) for e in batch] for batch in recomputed] == [
-        [(p, False) for p in range(start, start + CHUNK)] for start in range(len(first.prompt) // CHUNK * CHUNK,
-                                                                             whole, CHUNK)
-    ]  # fmt: skip
-    assert harness.model.caches[0] == cached[:whole]
+        [(p, False) for p in range(start, min(start + CHUNK, turn))] for start in range(12, turn, CHUNK)
+    ]
+    assert harness.model.caches[0] == [*first.prompt, *tokens_of(harness.text(first))]
     assert harness.scheduler.stats.recomputed_tokens == sum(len(batch) for batch in recomputed) > 0
-    # The next turn reuses the answer's whole chunks, and its text is the one it computes alone.
-    turn_2 = "Q: tell me. A:" + harness.text(first) + " Q: more. A:"
+    # The next turn reuses the whole answer, and its text is the one it computes alone.
+    turn_2 = f"Q: tell me. A:{harness.text(first)}{MARKER} more. A:"
     reused = harness.scheduler.stats.reused_tokens
     second = harness.submit(turn_2, max_tokens=6)
     harness.run_until_idle()
-    assert harness.scheduler.stats.reused_tokens - reused == whole
+    assert harness.scheduler.stats.reused_tokens - reused == turn
     assert harness.text(second) == reference(turn_2, 6)
+
+
+def test_an_answer_that_wrote_the_next_turns_marker_is_recomputed_up_to_it() -> None:
+    harness = Harness(slots=1, slot_context=128, turn_marker=tokens_of(MARKER), next_token=replying(f"sure{MARKER}"))
+    first = harness.submit("Q: tell me. A:", max_tokens=20)
+    harness.run_until_idle()
+    while harness.scheduler.canonicalize():
+        pass
+    assert harness.text(first) == f"sure{MARKER}"  # a stop sequence would have cut it here
+    assert harness.model.caches[0] == [*first.prompt, *tokens_of("sure")]
+    reused = harness.scheduler.stats.reused_tokens
+    harness.submit(f"Q: tell me. A:sure{MARKER} more. A:", max_tokens=3)
+    harness.run_until_idle()
+    assert harness.scheduler.stats.reused_tokens - reused == len(first.prompt) + len("sure")
+
+
+def test_a_prompt_is_cut_into_chunks_from_the_start_of_each_turn() -> None:
+    harness = Harness(slots=1, slot_context=128, turn_marker=tokens_of(MARKER))
+    prompt = f"abcdef{MARKER} ghij{MARKER} k"  # turns start at positions 7 and 15
+    harness.submit(prompt, max_tokens=1)
+    harness.run_until_idle()
+    assert [[e.position for e in batch] for batch in harness.model.decoded] == [
+        [0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17, 18], [19]
+    ]  # fmt: skip
 
 
 def test_a_newcomer_takes_a_slot_before_its_answer_was_recomputed() -> None:

@@ -96,6 +96,16 @@ class ChatTemplate:
         except jinja2.TemplateError as error:
             raise InvalidRequest(f"the model's chat template rejected the prompt: {error}") from None
 
+    def turn_opening(self) -> str:
+        """The text the template puts between an assistant's answer and the next user
+        message (Gemma 3: "<end_of_turn>\n<start_of_turn>user\n"), or "" when the
+        probe conversation does not show it plainly."""
+        rendered = self._render(self.messages(Conversation(system="", turns=PROBE.turns, prefill=""))[0])
+        answer, question = PROBE.turns[1].text, PROBE.turns[2].text
+        after = rendered.find(answer) + len(answer)
+        before = rendered.find(question, after)
+        return rendered[after:before] if answer in rendered and before > after else ""
+
     def add_bos(self, rendered: str) -> bool:
         """Whether the tokenizer should add BOS (it is not already the text's start)."""
         return not (self.bos_token and rendered.startswith(self.bos_token))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens
+from tcserve.core.transcript import HUMAN_TURN
 from tcserve.engines.base import Admission, EngineStats, PromptFormat
 from tcserve.engines.llamacpp.chat import ChatTemplate, load_chat_template
 from tcserve.engines.llamacpp.native import ContextParams, Model
@@ -28,7 +29,8 @@ from tcserve.errors import EngineFailure, EngineNotReady, TCServeError
 log = logging.getLogger("tcserve.llamacpp")
 
 PREFILL_CHUNK = 128
-"""Prompt tokens per chunk; a cached prefix is reused in whole chunks."""
+"""Prompt tokens per chunk (each turn is cut from its start); a cached prefix is
+reused in whole chunks."""
 
 
 def default_model_path() -> Path:
@@ -122,6 +124,7 @@ class LlamaCppEngine:
             model, self._deliver, slots=self._params.slots, chunk=PREFILL_CHUNK,
             prefill_budget=self._prefill_budget, prefix_cache=self._prefix_cache,
             reuse_generated=self._reuse_generated, speculative=self._settings.speculative,
+            turn_marker=self._turn_marker(model),
         )  # fmt: skip
         calibrated: asyncio.Future[None] = self._loop.create_future()
         thread = threading.Thread(
@@ -169,6 +172,14 @@ class LlamaCppEngine:
         return load_chat_template(
             source, bos_token=metadata.bos_token, eos_token=metadata.eos_token, name=self._settings.name
         )
+
+    def _turn_marker(self, model: Model) -> list[int]:
+        """The tokens that open a turn in this model's prompts: where prompt chunks are
+        cut, so that a conversation's next turn reuses the last answer (`chunks.py`)."""
+        if self._chat is None:
+            return model.vocab.tokenize(HUMAN_TURN, False)
+        opening = self._chat.turn_opening()
+        return model.vocab.tokenize(opening, False, True) if opening else []
 
     async def tokenize(self, request: GenerationRequest) -> PromptTokens:
         model = self._require_model()

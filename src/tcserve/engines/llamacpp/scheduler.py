@@ -7,18 +7,19 @@ streams for more than a few chunks. After each `llama_decode`, every sequence
 that got logits samples its next token with its own sampler, and the step's
 events go to the event loop in one hand-off.
 
-Determinism. Prompts are prefilled in fixed chunks aligned to positions from
-the start of the prompt, one chunk per sequence per step, each chunk in a
-llama_decode of its own, and a cached prefix is reused only in whole chunks.
-So a prompt is always computed the same way: the same greedy request on an
-otherwise idle server gives the same text, with or without prefix reuse, even
-when the prefix was computed while other sequences generated. (llama.cpp's
+Determinism. Prompts are prefilled in chunks cut by the tokens alone (`chunks.py`:
+whole chunks from the start of each turn), one chunk per sequence per step, each
+chunk in a llama_decode of its own, and a cached prefix is reused only where its
+chunks are the newcomer's own. So a prompt is always computed the same way: the
+same greedy request on an otherwise idle server gives the same text, with or
+without prefix reuse, even when the prefix was computed while other sequences
+generated. (llama.cpp's
 numbers for a token depend on the pass that computed it: in a batch shared with
 other sequences its kernels take other paths, so generated tokens under load can
 change slightly, as with any batching server.)
 
 Prefix reuse. A finished sequence leaves its cache in its slot. A newcomer
-takes the free slot whose cache shares the most whole chunks with its prompt;
+takes the free slot whose cache shares the most chunks with its prompt;
 when that prefix sits in a running sequence, the cache is copied whole (a
 partial copy asserts on a split cache) and trimmed.
 
@@ -26,11 +27,13 @@ Conversations. A finished answer's tokens were computed one step at a time (or
 in speculative batches), so their numbers differ slightly from the same tokens
 in prompt chunks, and reusing them would make a greedy text depend on what the
 cache held before. Instead, once the engine has been idle for
-`IDLE_BEFORE_RECOMPUTE`, it computes the answer's whole chunks again as aligned
-prompt chunks, one chunk a step (`canonicalize`): the next turn then reuses them
-exactly as if they had been prompt. With `reuse_generated`, any shared prefix is
-reused as it is, generated tokens included (a conversation's next turn computes
-only its new text at once, as llama-server does), at the price of that
+`IDLE_BEFORE_RECOMPUTE`, it computes the answer again as prompt chunks, up to
+where the next turn's marker would start, one chunk a step (`canonicalize`): the
+next turn then reuses them exactly as if they had been prompt, and computes only
+its own new text. A turn sent right after the answer finds it not yet recomputed
+and computes the answer's turn again. With `reuse_generated`, any shared prefix
+is reused as it is, generated tokens included (a conversation's next turn
+computes only its new text at once, as llama-server does), at the price of that
 determinism.
 
 Speculation (`speculation.py`). A greedy sequence may verify a draft of tokens
@@ -47,11 +50,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
+from tcserve.engines.llamacpp.chunks import answer_end, chunk_ends, next_end, shared_end
 from tcserve.engines.llamacpp.model import Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.engines.llamacpp.speculation import (
@@ -89,12 +93,16 @@ class Job:
     cancelled: bool = False
     """Set from the event loop when the consumer is gone; read at the next step."""
     prompt: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    """Where the prompt's prefill chunks end (`chunks.chunk_ends`)."""
     slot: Slot | None = None
     position: int = 0
     """Tokens of this job in its slot's cache (prefill progress, then n_past)."""
     pending: int | None = None
     """The sampled token that the next step decodes."""
     produced: int = 0
+    last: int | None = None
+    """The last token streamed."""
     admitted: int = 0
     """Order of arrival in a slot: the oldest prompt is prefilled first."""
     utf8: codecs.IncrementalDecoder = field(
@@ -122,15 +130,21 @@ class Slot:
     index: int
     tokens: list[int] = field(default_factory=list)
     """What this sequence's cache holds, position by position."""
-    reusable: int = 0
-    """Leading tokens that were computed as whole aligned prefill chunks (not used, and
-    not always aligned, with `reuse_generated`: then every cached token counts)."""
+    ends: list[int] = field(default_factory=list)
+    """Where the leading chunks that were computed as prefill chunks end, each alone
+    in its batch after the ones before (not used with `reuse_generated`: then every
+    cached token counts)."""
     job: Job | None = None
     released_at: int = 0
     recompute: list[int] = field(default_factory=list)
-    """Cached tokens after `reusable` that make whole chunks (a finished answer's
-    generated text, mostly): computed again as aligned prompt chunks when the engine
-    is idle, so that a conversation's next turn reuses them (`canonicalize`)."""
+    """A finished sequence's prompt and answer, up to where a next turn would start:
+    computed again as prompt chunks when the engine is idle, so that a conversation's
+    next turn reuses the answer too (`canonicalize`)."""
+
+    @property
+    def reusable(self) -> int:
+        """Leading tokens computed as prefill chunks."""
+        return self.ends[-1] if self.ends else 0
 
 
 @dataclass
@@ -157,12 +171,15 @@ class Scheduler:
         prefill_budget: int,
         prefix_cache: bool = True,
         reuse_generated: bool = False,
+        turn_marker: Sequence[int] = (),
         speculative: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._model = model
         self._deliver = deliver
         self._chunk = chunk
+        self._marker = tuple(turn_marker)
+        """The tokens that open a turn; each turn's prompt chunks start at its marker."""
         if prefill_budget < chunk:
             raise ValueError("the prefill budget must hold a whole chunk: a chunk must always fit in a step")
         self._prefill_budget = prefill_budget
@@ -249,24 +266,33 @@ class Scheduler:
         return True
 
     def canonicalize(self) -> bool:
-        """On an idle engine, compute one whole chunk of a free slot's cached answer
-        again as a prompt chunk: aligned, alone in its batch, after a prefix that was
-        computed the same way. A prompt that contains the answer then reuses those
-        tokens and gets exactly the numbers it would have computed itself, so the
-        same greedy request gives the same text whatever the cache held before.
-        False when there is nothing to do (or the engine is not idle)."""
+        """On an idle engine, compute the next chunk of a free slot's cached answer
+        again as a prompt chunk: cut as a prompt that holds the answer is cut, alone
+        in its batch, after a prefix that was computed the same way. A prompt that
+        contains the answer then reuses those tokens and gets exactly the numbers it
+        would have computed itself, so the same greedy request gives the same text
+        whatever the cache held before. False when there is nothing to do (or the
+        engine is not idle)."""
         if self._inbox or self._waiting or any(slot.job for slot in self._slots):
             return False
-        slot = max((s for s in self._slots if s.recompute), key=lambda s: s.released_at, default=None)
-        if slot is None:
+        for slot in sorted((s for s in self._slots if s.recompute), key=lambda s: -s.released_at):
+            if self._recompute_chunk(slot):
+                return True
+        return False
+
+    def _recompute_chunk(self, slot: Slot) -> bool:
+        """Compute the slot's next chunk to recompute; False when it has none."""
+        wanted = chunk_ends(slot.recompute, self._chunk, self._marker)
+        start = shared_end(slot.ends, wanted, len(slot.recompute))
+        if start == len(slot.recompute) or not self._can_go_on_from(slot, start):
+            slot.recompute = []  # done, or the answer outgrew the sliding window
             return False
-        if not self._can_go_on_from(slot, slot.reusable):  # the answer outgrew the sliding window
-            slot.recompute = []
-            return True
-        start, chunk = slot.reusable, slot.recompute[: self._chunk]
+        end = next_end(wanted, start)
+        chunk = slot.recompute[start:end]
         model = self._model
         model.forget(slot.index, start)
         del slot.tokens[start:]
+        slot.ends = [e for e in slot.ends if e <= start]
         model.batch.clear()
         for offset, token in enumerate(chunk):
             model.batch.add(token, start + offset, slot.index, False)
@@ -277,8 +303,7 @@ class Scheduler:
             self._release(slot, forget=True)
             return True
         slot.tokens.extend(chunk)
-        slot.reusable = start + len(chunk)
-        del slot.recompute[: self._chunk]
+        slot.ends.append(end)
         self.stats.recomputed_tokens += len(chunk)
         return True
 
@@ -287,6 +312,7 @@ class Scheduler:
             job = self._inbox.popleft()
             ids = job.request.tokens.ids  # tokenized once, by the engine's `tokenize`
             job.prompt = list(ids) if ids is not None else self._model.vocab.tokenize(job.request.prompt)
+            job.ends = chunk_ends(job.prompt, self._chunk, self._marker)
             if 0 < len(job.prompt) < self._model.slot_context:
                 if self._speculative and job.request.sampling.greedy:
                     job.drafts = NgramDrafts(job.prompt)
@@ -304,13 +330,13 @@ class Scheduler:
     def _assign_slots(self) -> None:
         while self._waiting and any(slot.job is None for slot in self._slots):
             job = self._waiting.popleft()
-            slot, keep = self._choose_slot(job.prompt)
+            slot, keep = self._choose_slot(job)
             slot.job, job.slot, job.position = job, slot, keep
             self._admitted += 1
             job.admitted = self._admitted
             self.stats.reused_tokens += keep
 
-    def _choose_slot(self, prompt: list[int]) -> tuple[Slot, int]:
+    def _choose_slot(self, job: Job) -> tuple[Slot, int]:
         """The slot for a newcomer and how many cached prompt tokens it keeps."""
         # The lowest free slot: running sequences then sit in consecutive slots, and
         # llama.cpp decodes a batch of a split cache in one pass over the weights per run
@@ -320,7 +346,7 @@ class Scheduler:
         target = next(slot for slot in self._slots if slot.job is None)
         source, keep = target, 0
         if self._prefix_cache:
-            best, most = max(((s, self._reusable(s, prompt)) for s in self._slots), key=lambda pair: pair[1])
+            best, most = max(((s, self._reusable(s, job)) for s in self._slots), key=lambda pair: pair[1])
             if most and best.job is None:
                 source = target = best
             elif most:
@@ -329,18 +355,19 @@ class Scheduler:
             keep = most
         self._model.forget(target.index, keep)
         target.tokens = source.tokens[:keep]
-        target.reusable = keep
+        target.ends = [end for end in source.ends if end <= keep]
         target.recompute = []
         return target, keep
 
-    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
+    def _reusable(self, slot: Slot, job: Job) -> int:
         # At least the prompt's last token must be computed again: its logits are needed.
+        prompt = job.prompt
         cached = len(slot.tokens) if self._reuse_generated else slot.reusable
         limit = min(cached, len(prompt) - 1)
         same = 0
         while same < limit and slot.tokens[same] == prompt[same]:
             same += 1
-        keep = same if self._reuse_generated else same - same % self._chunk
+        keep = same if self._reuse_generated else shared_end(slot.ends, job.ends, same)
         return keep if self._can_go_on_from(slot, keep) else 0
 
     def _can_go_on_from(self, slot: Slot, position: int) -> bool:
@@ -502,11 +529,10 @@ class Scheduler:
         self._accept(job, tokens[-1])
 
     def _next_chunk_size(self, job: Job) -> int:
-        start = job.position
-        return min(start - start % self._chunk + self._chunk, len(job.prompt)) - start
+        return next_end(job.ends, job.position) - job.position
 
     def _add_chunk(self, job: Job) -> list[int]:
-        """Add the job's next aligned prompt chunk. Returns the batch index of the
+        """Add the job's next prompt chunk. Returns the batch index of the
         prompt's last token when this chunk ends the prompt (its logits give the
         first generated token), else nothing."""
         assert job.slot is not None
@@ -518,8 +544,8 @@ class Scheduler:
             for position in range(start, end)
         ]
         job.slot.tokens.extend(job.prompt[start:end])
-        if end % self._chunk == 0 and job.slot.reusable == start:
-            job.slot.reusable = end
+        if job.slot.reusable == start:
+            job.slot.ends.append(end)
         job.position = end
         return [indexes[-1]] if end == len(job.prompt) else []
 
@@ -543,6 +569,7 @@ class Scheduler:
             self._finish(job, "end_of_sequence")
             return False
         job.produced += 1
+        job.last = token
         self.stats.generated_tokens += 1
         if job.drafts is not None:
             job.drafts.extend((token,))
@@ -574,14 +601,24 @@ class Scheduler:
     def _release(self, slot: Slot, *, forget: bool = False) -> None:
         """Free the slot for the next request; its cache stays for prefix reuse
         unless it can no longer be trusted."""
-        slot.job = None
         slot.released_at = self.stats.steps
+        job, slot.job = slot.job, None
         if forget:
             self._model.forget(slot.index)
-            slot.tokens, slot.reusable, slot.recompute = [], 0, []
-        elif self._prefix_cache and not self._reuse_generated:
-            whole = (len(slot.tokens) - slot.reusable) // self._chunk * self._chunk
-            slot.recompute = slot.tokens[slot.reusable : slot.reusable + whole]
+            slot.tokens, slot.ends, slot.recompute = [], [], []
+        elif self._prefix_cache and not self._reuse_generated and job is not None:
+            slot.recompute = self._turn_so_far(slot, job)
+
+    def _turn_so_far(self, slot: Slot, job: Job) -> list[int]:
+        """The job's prompt and the tokens it streamed, up to where a next turn's
+        marker would start: what a conversation's next prompt begins with. The cache
+        holds a little more after speculation (drafts past a stop) and lacks the last
+        streamed token when nothing decoded it."""
+        size = len(job.prompt)
+        turn = slot.tokens[:size]
+        if job.produced and job.last is not None:
+            turn += [*slot.tokens[size:], job.last][: job.produced]
+        return turn[: answer_end(turn, size, self._marker)]
 
     def _fail_everyone(self, error: BaseException) -> None:
         jobs = [*self._inbox, *self._waiting, *(s.job for s in self._slots if s.job is not None)]
