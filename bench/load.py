@@ -353,6 +353,15 @@ def rate_label(cfg: Settings) -> str:
 
 
 CONV_LABEL = "conv turn 5"
+"""The conversation row, `conv_pause` between turns; `read_label` is the other one."""
+
+
+def read_label(cfg: Settings) -> str:
+    return f"{CONV_LABEL} +{cfg.conv_read_pause:g}s"
+
+
+def is_conversation(mode: str) -> bool:
+    return mode.startswith(CONV_LABEL)
 
 
 Workload = Callable[[], Awaitable[tuple[float, list[Sample]]]]
@@ -402,10 +411,10 @@ async def run_server_modes(
         async def send(prompt: str, max_tokens: int, turn: int) -> Sample:
             return await stream_request(client, server.base_url, server.spec.api, prompt, max_tokens, turn)
 
-        async def conversations() -> tuple[float, list[Sample]]:
+        async def conversations(pause: float) -> tuple[float, list[Sample]]:
             t0, samples = time.perf_counter(), []
             for i in range(cfg.conversations):
-                samples += await conversation(send, i, cfg.conv_max_tokens, cfg.conv_pause)
+                samples += await conversation(send, i, cfg.conv_max_tokens, pause)
             return time.perf_counter() - t0, samples
 
         if cfg.warmup:
@@ -413,7 +422,9 @@ async def run_server_modes(
         for mode in [m for m in all_modes(cfg) if m in modes]:
             workload: Workload
             if mode == CONV_LABEL:
-                workload = conversations
+                workload = functools.partial(conversations, cfg.conv_pause)
+            elif mode == read_label(cfg):
+                workload = functools.partial(conversations, cfg.conv_read_pause)
             elif mode == rate_label(cfg):
                 arrivals = arrival_times(cfg.rate, cfg.duration, cfg.seed)
                 workload = functools.partial(open_loop, send, prompts[mode], arrivals, cfg.max_tokens)
@@ -433,6 +444,8 @@ def all_modes(cfg: Settings) -> list[str]:
         modes.append(rate_label(cfg))
     if cfg.conversations > 0 and "conv" in cfg.workloads:
         modes.append(CONV_LABEL)
+        if cfg.conv_read_pause > 0:
+            modes.append(read_label(cfg))
     if "grounded" in cfg.workloads:
         modes += [grounded_label(c) for c in cfg.grounded_levels]
     if "long" in cfg.workloads:

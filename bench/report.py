@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from load import ASSISTANT, CONV_LABEL, HUMAN, QUESTIONS, ModeRun, Sample, conversation_system
+from load import ASSISTANT, CONV_LABEL, HUMAN, QUESTIONS, ModeRun, Sample, conversation_system, is_conversation
 from settings import NO_REUSE, NO_SPEC, RESULTS, REUSE_ALL, SPEC, Settings
 from texts import copied_tokens
 
@@ -129,7 +129,7 @@ def summarize(runs: list[ModeRun], counter: TokenCounter, conv_prompts: dict[int
     ok = [s for s in samples if s.error is None]
     tokens = {id(s): counter.count(s.text) for s in samples}
     tok_s_rounds = [sum(tokens[id(s)] for s in r.samples) / r.wall_s for r in runs if r.wall_s > 0]
-    timed = [s for s in ok if s.turn == 5] if runs[0].mode == CONV_LABEL else ok
+    timed = [s for s in ok if s.turn == 5] if is_conversation(runs[0].mode) else ok
     ttfts = [s.ttft for s in timed if s.ttft is not None]
     itls = [g for s in ok for g in itl_samples(s, counter)]
     finishes: dict[str, int] = {}
@@ -139,7 +139,7 @@ def summarize(runs: list[ModeRun], counter: TokenCounter, conv_prompts: dict[int
     rss = [r.peak_rss_mib for r in runs if r.peak_rss_mib is not None]
     noise = [r.other_cpu_pct for r in runs if r.other_cpu_pct is not None]
     mode = runs[0].mode
-    prompt_tokens = {id(s): counter.count(s.prompt) + 1 for s in ok} if mode != CONV_LABEL else {}
+    prompt_tokens = {id(s): counter.count(s.prompt) + 1 for s in ok} if not is_conversation(mode) else {}
     prefill = [prompt_tokens[id(s)] / s.ttft for s in ok if s.ttft and mode.startswith("long")]
     copied = sum(copied_tokens(counter.ids(s.prompt), counter.ids(s.text)) for s in ok) if "grounded" in mode else 0
     out_tokens = sum(tokens[id(s)] for s in ok)
@@ -170,7 +170,7 @@ def turn5_prompt_tokens(runs: list[ModeRun], counter: TokenCounter) -> dict[int,
     """Prompt tokens of each turn-5 request, rebuilt from the completions received."""
     out: dict[int, int] = {}
     for r in runs:
-        if r.mode != CONV_LABEL:
+        if not is_conversation(r.mode):
             continue
         per_conv = [r.samples[i : i + len(QUESTIONS)] for i in range(0, len(r.samples), len(QUESTIONS))]
         for k, turns in enumerate(per_conv):
@@ -446,7 +446,7 @@ def save(
         f"{cfg.ctx_size}/slot, parallel {cfg.parallel}, max tokens {cfg.max_tokens}, "
         f"repeats {cfg.repeats}, levels {cfg.levels}, rate {cfg.rate}/s for {cfg.duration} s, "
         f"{cfg.conversations} conversation(s) x 5 turns at {cfg.conv_max_tokens} tokens "
-        f"({cfg.conv_pause:g} s between turns), workloads "
+        f"({cfg.conv_pause:g} s between turns; {cfg.conv_read_pause:g} s in the '+' row), workloads "
         f"{cfg.workloads}, grounded levels {cfg.grounded_levels}, long levels {cfg.long_levels} "
         f"({cfg.long_prompt_budget()}-token prompts, {cfg.long_max_tokens} tokens out). "
         f"Full settings in {path.name}.\n\n"

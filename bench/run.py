@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from load import CONV_LABEL, ModeRun, all_modes, closed_loop_prompts, level_label, run_server_modes
+from load import ModeRun, all_modes, closed_loop_prompts, is_conversation, level_label, run_server_modes
 from machine import environment, wait_for_quiet
 from peers import (
     default_gguf,
@@ -74,7 +74,7 @@ SLOW = "llama-cpp-python"
 def server_modes(name: str, modes: list[str]) -> list[str]:
     """The modes `name` runs, of the run's `modes`."""
     if name in (NO_REUSE, REUSE_ALL):
-        return [m for m in modes if m == CONV_LABEL]
+        return [m for m in modes if is_conversation(m)]
     if name in (SPEC, NO_SPEC):
         return [m for m in modes if spec_row(m)]
     if name == SLOW:
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     env["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
     stats = aggregate(runs, counter)
     for (server, mode), st in stats.items():
-        if mode == CONV_LABEL and st.prompt_tokens_turn5:
-            notes.append(f"{server} {CONV_LABEL}: prompt of turn 5 = {st.prompt_tokens_turn5:.0f} tokens.")
+        if is_conversation(mode) and st.prompt_tokens_turn5:
+            notes.append(f"{server} {mode}: prompt of turn 5 = {st.prompt_tokens_turn5:.0f} tokens.")
         if st.copied_share is not None:
             notes.append(
                 f"{server} {mode}: {st.copied_share:.0%} of output tokens repeat a 3-gram of the prompt or "

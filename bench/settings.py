@@ -120,6 +120,13 @@ class Settings:
             "0: back to back, like an agent loop); turn-5 TTFT is measured either way"
         ),
     )
+    conv_read_pause: float = field(
+        default=1.0,
+        metadata=_flag(
+            "a second conversation row, 'conv turn 5 +Ns', with this pause between turns (a person reading the "
+            "answer; tcserve's idle engine recomputes it meanwhile) (0: skip)"
+        ),
+    )
     warmup: bool = field(
         default=True, metadata=_flag("skip the one short unmeasured request sent after each server starts", "negated")
     )
