@@ -17,6 +17,7 @@ def test_each_turn_is_cut_from_its_own_start() -> None:
     tokens = [1, 2, 3, 7, 8, 4, 5, 6, 1, 2, 7, 8, 9]  # turns start at 3 and 10
     assert chunk_ends(tokens, 4, M) == [3, 7, 10, 13]
     assert chunk_ends([7, 8, 1, 7], 4, M) == [4]  # a marker at the start, or cut off by the end, starts nothing
+    assert chunk_ends([0, 7, 8, 1, 2, 3], 4, M) == [4, 6]  # nor one right after BOS: BOS is no chunk of its own
 
 
 def test_two_cuts_agree_up_to_the_last_chunk_they_share() -> None:

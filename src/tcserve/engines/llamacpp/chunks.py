@@ -22,12 +22,14 @@ from itertools import pairwise
 
 
 def turn_starts(tokens: Sequence[int], marker: Sequence[int]) -> list[int]:
-    """Positions after the first where a whole `marker` starts."""
+    """Positions where a whole `marker` starts a turn after the prompt's first chunk
+    began: a marker at the very start, or right after BOS (a raw prompt's first
+    "\n\nHuman:"), belongs to the first chunk, which would otherwise be BOS alone."""
     if not marker:
         return []
     first, size = marker[0], len(marker)
     return [
-        i for i in range(1, len(tokens) - size + 1) if tokens[i] == first and list(tokens[i : i + size]) == list(marker)
+        i for i in range(2, len(tokens) - size + 1) if tokens[i] == first and list(tokens[i : i + size]) == list(marker)
     ]
 
 
