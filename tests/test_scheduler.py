@@ -583,3 +583,18 @@ def test_a_prefix_whose_window_was_dropped_is_computed_again_not_reused() -> Non
     harness.run_until_idle()
     assert harness.scheduler.stats.reused_tokens == 16
     assert harness.text(again) == reference("abcdefgh and then some more", 4)
+
+
+def test_only_the_latest_answer_waits_to_be_recomputed() -> None:
+    """After a burst, recomputing every answer would keep an idle engine busy, and each
+    newcomer would wait for a chunk: only the answer that finished last is recomputed."""
+    harness = Harness(slots=2, slot_context=128)
+    early = harness.submit("Q: tell me. A:", max_tokens=3)
+    late = harness.submit("Q: tell me more. A:", max_tokens=9)
+    harness.run_until_idle()
+    before = len(harness.model.decoded)
+    while harness.scheduler.canonicalize():
+        pass
+    recomputed = {entry.slot for batch in harness.model.decoded[before:] for entry in batch}
+    assert early.slot is not None and late.slot is not None
+    assert recomputed == {late.slot.index}

@@ -30,7 +30,7 @@ log = logging.getLogger("tcserve.llamacpp")
 
 PREFILL_CHUNK = 128
 """Prompt tokens per chunk (each turn is cut from its start); a cached prefix is
-reused in whole chunks."""
+reused chunk by chunk."""
 
 
 def default_model_path() -> Path:
