@@ -98,7 +98,7 @@ class ChatTemplate:
 
     def turn_opening(self) -> str:
         """The text the template puts between an assistant's answer and the next user
-        message (Gemma 3: "<end_of_turn>\n<start_of_turn>user\n"), or "" when the
+        message (Gemma 3: "<end_of_turn>\\n<start_of_turn>user\\n"), or "" when the
         probe conversation does not show it plainly."""
         rendered = self._render(self.messages(Conversation(system="", turns=PROBE.turns, prefill=""))[0])
         answer, question = PROBE.turns[1].text, PROBE.turns[2].text

@@ -24,7 +24,7 @@ from itertools import pairwise
 def turn_starts(tokens: Sequence[int], marker: Sequence[int]) -> list[int]:
     """Positions where a whole `marker` starts a turn after the prompt's first chunk
     began: a marker at the very start, or right after BOS (a raw prompt's first
-    "\n\nHuman:"), belongs to the first chunk, which would otherwise be BOS alone."""
+    "\\n\\nHuman:"), belongs to the first chunk, which would otherwise be BOS alone."""
     if not marker:
         return []
     first, size = marker[0], len(marker)
