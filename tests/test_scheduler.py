@@ -598,3 +598,19 @@ def test_only_the_latest_answer_waits_to_be_recomputed() -> None:
     recomputed = {entry.slot for batch in harness.model.decoded[before:] for entry in batch}
     assert early.slot is not None and late.slot is not None
     assert recomputed == {late.slot.index}
+
+
+def test_a_request_cancelled_before_its_first_token_leaves_the_latest_answer_to_recompute() -> None:
+    harness = Harness(slots=2, slot_context=128)
+    harness.submit("Q: hi. A:", max_tokens=2)  # slot 0, done first: the next newcomer takes it
+    answered = harness.submit("Q: tell me. A:", max_tokens=9)
+    harness.run_until_idle()
+    gone = harness.submit("something else entirely, and at some length", max_tokens=3)  # 44 tokens: 3 steps
+    harness.scheduler.step()  # part of its prompt is prefilled
+    harness.scheduler.cancel(gone)
+    harness.run_until_idle()
+    before = len(harness.model.decoded)
+    while harness.scheduler.canonicalize():
+        pass
+    assert answered.slot is not None
+    assert {e.slot for batch in harness.model.decoded[before:] for e in batch} == {answered.slot.index}

@@ -602,7 +602,7 @@ class Scheduler:
         if forget:
             self._model.forget(slot.index)
             slot.tokens, slot.ends, slot.recompute = [], [], []
-        elif self._prefix_cache and not self._reuse_generated and job is not None:
+        elif self._prefix_cache and not self._reuse_generated and job is not None and job.produced:
             # Only the latest answer waits for the idle engine: after a burst, recomputing
             # every answer kept the engine busy for seconds, and each request arriving
             # meanwhile waited for a chunk (measured after a c=16 burst, a conversation's
