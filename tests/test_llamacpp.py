@@ -22,7 +22,6 @@ from tcserve.config import LlamaCppModel
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, SamplingParams, TextDelta
 from tcserve.core.transcript import HUMAN_TURN
 from tcserve.engines.factory import build_engine
-from tcserve.engines.llamacpp.chunks import chunk_ends, shared_end
 from tcserve.engines.llamacpp.engine import PREFILL_CHUNK, LlamaCppEngine, default_model_path
 from tcserve.engines.llamacpp.native import ContextParams, Model
 from tcserve.engines.llamacpp.sampling import Sampler
@@ -309,7 +308,7 @@ async def test_a_file_that_is_not_gguf_fails_to_load(tmp_path: Path) -> None:
 
 
 async def test_a_recomputed_answer_is_reused_by_the_next_turn_with_the_same_text() -> None:
-    """An idle engine recomputes a finished answer as prompt chunks, up to where the
+    """An idle engine recomputes a finished answer as prompt pieces, up to where the
     next turn starts, so the next turn reuses all of it and still gets exactly the
     text an engine that reuses nothing computes. (Without speculation: each engine
     times its own batch costs at load, so two engines may draft differently.)"""
@@ -319,21 +318,20 @@ async def test_a_recomputed_answer_is_reused_by_the_next_turn_with_the_same_text
         prompt = f"{SYSTEM}\n\nHuman: Describe the rivers of Europe.\n\nAssistant:"
         # What the API would return: the text before the built-in stop sequence.
         answer = text_of(await run(engine, request(prompt, 2 * PREFILL_CHUNK))).split(HUMAN_TURN)[0]
-        model = engine._require_model()
-        marker = model.vocab.tokenize(HUMAN_TURN, False)
-        asked, turn = model.vocab.tokenize(prompt), model.vocab.tokenize(prompt + answer)
-        start = shared_end(chunk_ends(asked, PREFILL_CHUNK, marker), chunk_ends(turn, PREFILL_CHUNK, marker), len(turn))
+        turn = engine._require_model().vocab.tokenize(prompt + answer)
+        slot = engine._require_scheduler()._slots[0]
         stats = engine.scheduler_stats
         assert stats is not None
-        for _ in range(3000):  # the scheduler starts after IDLE_BEFORE_RECOMPUTE; a chunk takes ~0.1-1 s
-            if stats.recomputed_tokens >= len(turn) - start:
+        for _ in range(3000):  # the scheduler starts after IDLE_BEFORE_RECOMPUTE; a piece takes ~0.1-1 s
+            if not slot.recompute:  # done
                 break
             await asyncio.sleep(0.01)
-        assert stats.recomputed_tokens == len(turn) - start
+        assert not slot.recompute and stats.recomputed_tokens > 0
         turn_2 = f"{prompt}{answer}{HUMAN_TURN} And the longest one?\n\nAssistant:"
         reused = stats.reused_tokens
         text = text_of(await run(engine, request(turn_2, 16)))
-        assert stats.reused_tokens - reused == len(turn)  # the whole answer came from the cache
+        # The whole answer came from the cache (and the start of the marker it wrote: loose rows).
+        assert stats.reused_tokens - reused >= len(turn)
     finally:
         await engine.aclose()
     fresh = llamacpp_engine(context_size=1024, threads=2, parallel=1, prefix_cache=False, speculative=False)

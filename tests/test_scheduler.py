@@ -18,8 +18,9 @@ import pytest
 
 from fake_model import EOS, Entry, FakeModel, FakeVocab, NextToken, hashed, replying, token_of, tokens_of
 from tcserve.core.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from tcserve.engines.llamacpp.chunks import CPU_LOOSE
 from tcserve.engines.llamacpp.sampling import Sampler
-from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler
+from tcserve.engines.llamacpp.scheduler import CATCH_UP_AFTER, Job, Outcome, Scheduler
 from tcserve.errors import EngineFailure, Overloaded
 
 CHUNK = 4
@@ -49,6 +50,7 @@ class Harness:
         step_seconds: Callable[[int], float] = lambda rows: 0.01,
         window: int = 0,
         cells: int | None = None,
+        chunk: int = CHUNK,
         **options: Any,
     ) -> None:
         self.model = FakeModel(
@@ -57,7 +59,7 @@ class Harness:
         )  # fmt: skip
         self.handoffs: list[list[tuple[Job, Outcome]]] = []
         self.scheduler = Scheduler(
-            self.model, self.handoffs.append, slots=slots, chunk=CHUNK, prefill_budget=prefill_budget,
+            self.model, self.handoffs.append, slots=slots, chunk=chunk, prefill_budget=prefill_budget,
             clock=lambda: self.model.seconds, **options,
         )  # fmt: skip
 
@@ -614,3 +616,78 @@ def test_a_request_cancelled_before_its_first_token_leaves_the_latest_answer_to_
         pass
     assert answered.slot is not None
     assert {e.slot for batch in harness.model.decoded[before:] for e in batch} == {answered.slot.index}
+
+
+# -- loose pieces: shapes whose numbers do not depend on the cut --------------------------
+
+
+def test_a_loose_tail_is_padded_to_its_shape_and_a_lone_streams_answer_catches_up_every_eight_tokens() -> None:
+    harness = Harness(
+        slots=1, slot_context=128, chunk=64, prefill_budget=64, turn_marker=tokens_of(MARKER), loose=CPU_LOOSE
+    )
+    job = harness.submit("hello wor", max_tokens=20)  # BOS + 9 bytes: one loose tail of 10 tokens
+    harness.run_until_idle()
+    batches = [[(e.position, e.wants_logits) for e in batch] for batch in harness.model.decoded]
+    # The prompt, padded with two throwaway rows to 12 (a multiple of 4), dropped after the decode.
+    assert batches[0] == [*((p, p == 9) for p in range(10)), (10, False), (11, False)]
+    caught_up = [batch for batch in batches[1:] if len(batch) > 1]
+    # Seven tokens behind: those seven again, without logits, and the next token (8 rows).
+    assert caught_up == [
+        [*((p, False) for p in range(10, 17)), (17, True)],
+        [*((p, False) for p in range(18, 25)), (25, True)],
+    ]
+    assert harness.scheduler.stats.recomputed_tokens == 2 * CATCH_UP_AFTER
+    assert harness.scheduler._slots[0].reusable == 26
+    assert harness.text(job) == reference("hello wor", 20)  # the fake's cache held the same tokens throughout
+
+
+def test_a_stream_beside_another_does_not_catch_up() -> None:
+    harness = Harness(slots=2, slot_context=128, chunk=64, prefill_budget=64, loose=CPU_LOOSE)
+    first, second = harness.submit("hello wor", max_tokens=12), harness.submit("jello wor", max_tokens=12)
+    harness.run_until_idle()
+    assert harness.scheduler.stats.recomputed_tokens == 0
+    assert harness.text(first) == reference("hello wor", 12)
+    assert harness.text(second) == reference("jello wor", 12)
+
+
+def test_a_next_turn_reuses_a_caught_up_answer_up_to_any_token_of_its_tail() -> None:
+    harness = Harness(
+        slots=1, slot_context=128, chunk=64, prefill_budget=64, turn_marker=tokens_of(MARKER), loose=CPU_LOOSE
+    )
+    first = harness.submit(f"{MARKER} hi A:", max_tokens=20)
+    harness.run_until_idle()
+    reused = harness.scheduler.stats.reused_tokens
+    turn_2 = f"{MARKER} hi A:{harness.text(first)}{MARKER} and?"
+    second = harness.submit(turn_2, max_tokens=4)
+    harness.run_until_idle()
+    # Everything the stream caught up with: the prompt and its answer up to the last catch-up.
+    caught_up = prompt_length(f"{MARKER} hi A:") + 2 * (CATCH_UP_AFTER + 1)
+    assert harness.scheduler.stats.reused_tokens - reused == caught_up
+    assert harness.text(second) == reference(turn_2, 4)
+
+
+def test_loose_shapes_are_dropped_when_the_model_gives_other_numbers_in_other_cuts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness = Harness(slots=1, slot_context=128, chunk=64, prefill_budget=64, loose=CPU_LOOSE)
+    harness.scheduler.calibrate()
+    assert harness.scheduler._loose is CPU_LOOSE  # the fake's numbers depend on the tokens alone
+
+    shaky = Harness(slots=1, slot_context=128, chunk=64, prefill_budget=64, loose=CPU_LOOSE)
+    plain_decode = shaky.model.decode
+
+    def decode_with_shape_noise() -> int:  # every logit row carries the count of decodes so far
+        status = plain_decode()
+        count = len(shaky.model.decoded)
+        shaky.model._rows = {index: row + count for index, row in shaky.model._rows.items()}
+        return status
+
+    shaky.model.decode = decode_with_shape_noise  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="tcserve.llamacpp"):
+        shaky.scheduler.calibrate()
+    assert shaky.scheduler._loose is None
+    assert "other numbers in differently cut pieces" in caplog.text
+    job = shaky.submit("hello wor", max_tokens=3)
+    shaky.run_until_idle()
+    assert [len(batch) for batch in shaky.model.decoded[-3:]] == [10, 1, 1]  # the tail as one chunk, unpadded
+    assert shaky.text(job) == reference("hello wor", 3)

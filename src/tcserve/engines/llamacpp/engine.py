@@ -21,6 +21,7 @@ from tcserve.core.request import EngineEvent, Finished, GenerationRequest, Promp
 from tcserve.core.transcript import HUMAN_TURN
 from tcserve.engines.base import Admission, EngineStats, PromptFormat
 from tcserve.engines.llamacpp.chat import ChatTemplate, load_chat_template
+from tcserve.engines.llamacpp.chunks import CPU_LOOSE
 from tcserve.engines.llamacpp.native import ContextParams, Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler, Stats
@@ -124,7 +125,7 @@ class LlamaCppEngine:
             model, self._deliver, slots=self._params.slots, chunk=PREFILL_CHUNK,
             prefill_budget=self._prefill_budget, prefix_cache=self._prefix_cache,
             reuse_generated=self._reuse_generated, speculative=self._settings.speculative,
-            turn_marker=self._turn_marker(model),
+            turn_marker=self._turn_marker(model), loose=CPU_LOOSE,
         )  # fmt: skip
         calibrated: asyncio.Future[None] = self._loop.create_future()
         thread = threading.Thread(

@@ -7,13 +7,15 @@ streams for more than a few chunks. After each `llama_decode`, every sequence
 that got logits samples its next token with its own sampler, and the step's
 events go to the event loop in one hand-off.
 
-Determinism. Prompts are prefilled in chunks cut by the tokens alone (`chunks.py`:
-whole chunks from the start of each turn), one chunk per sequence per step, each
-chunk in a llama_decode of its own, and a cached prefix is reused only where its
-chunks are the newcomer's own. So a prompt is always computed the same way: the
-same greedy request on an otherwise idle server gives the same text, with or
-without prefix reuse, even when the prefix was computed while other sequences
-generated. (llama.cpp's
+Determinism. Prompts are prefilled in pieces cut by the tokens alone (`chunks.py`:
+whole chunks from the start of each turn, then the turn's tail), one piece per
+sequence per step, each piece in a llama_decode of its own, and a cached prefix is
+reused only where its chunks are the newcomer's own. With `loose` shapes (the
+engine's CPU backend), a tail is computed in pieces padded to shapes whose rows get
+the same numbers however the text is cut, so a cached tail is reused up to any
+token. So a prompt always gets the same numbers: the same greedy request on an
+otherwise idle server gives the same text, with or without prefix reuse, even when
+the prefix was computed while other sequences generated. (llama.cpp's
 numbers for a token depend on the pass that computed it: in a batch shared with
 other sequences its kernels take other paths, so generated tokens under load can
 change slightly, as with any batching server.)
@@ -25,13 +27,15 @@ partial copy asserts on a split cache) and trimmed.
 
 Conversations. A finished answer's tokens were computed one step at a time (or
 in speculative batches), so their numbers differ slightly from the same tokens
-in prompt chunks, and reusing them would make a greedy text depend on what the
-cache held before. Instead, once the engine has been idle for
-`IDLE_BEFORE_RECOMPUTE`, it computes the answer again as prompt chunks, up to
-where the next turn's marker would start, one chunk a step (`canonicalize`): the
-next turn then reuses them exactly as if they had been prompt, and computes only
-its own new text. A turn sent right after the answer finds it not yet recomputed
-and computes the answer's turn again. With `reuse_generated`, any shared prefix
+in prompt pieces, and reusing them would make a greedy text depend on what the
+cache held before. Two things make them prompt-like. A lone stream catches up as
+it goes (`_catching_up`): every 8 tokens, its step computes the tokens since its
+last exact one again, with its next token, as one loose piece, so a turn sent
+right after the answer reuses all but its last few tokens. And once the engine has
+been idle for `IDLE_BEFORE_RECOMPUTE`, it computes the latest answer again as
+prompt pieces, up to where the next turn's marker would start, one piece a step
+(`canonicalize`): the next turn then reuses it exactly as if it had been prompt,
+and computes only its own new text. With `reuse_generated`, any shared prefix
 is reused as it is, generated tokens included (a conversation's next turn
 computes only its new text at once, as llama-server does), at the price of that
 determinism.
@@ -54,8 +58,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
+
 from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
-from tcserve.engines.llamacpp.chunks import answer_end, chunk_ends, next_end, shared_end
+from tcserve.engines.llamacpp.chunks import (
+    Loose,
+    Segment,
+    add_piece,
+    answer_end,
+    cut_at,
+    exact_end,
+    piece_end,
+    segments,
+    shared_end,
+    tail_start,
+)
 from tcserve.engines.llamacpp.model import Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.engines.llamacpp.speculation import (
@@ -77,6 +95,16 @@ IDLE_BEFORE_RECOMPUTE = 0.2
 """Seconds the engine waits idle before it recomputes cached answers (`canonicalize`):
 a request that arrives while a chunk is computed waits for that chunk."""
 
+LOOSE_PROBE = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 4
+"""The text `check_loose` computes in three cuts."""
+
+CATCH_UP_AFTER = 7
+"""Answer tokens a lone stream computes as it goes before it computes them again as
+one loose piece (with its next token: 8 rows, the fewest of a loose shape)."""
+CATCH_UP_AT_MOST = 24
+"""A stream that fell further behind (its drafts were accepted) stops catching up: a
+long piece in a step costs the stream's next token, and the idle recompute remains."""
+
 Outcome = EngineEvent | BaseException
 Deliver = Callable[[list[tuple["Job", Outcome]]], None]
 """Hands one step's events to the event loop; must be thread-safe."""
@@ -93,8 +121,8 @@ class Job:
     cancelled: bool = False
     """Set from the event loop when the consumer is gone; read at the next step."""
     prompt: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-    """Where the prompt's prefill chunks end (`chunks.chunk_ends`)."""
+    plan: list[Segment] = field(default_factory=list)
+    """How the prompt is computed (`chunks.segments`)."""
     slot: Slot | None = None
     position: int = 0
     """Tokens of this job in its slot's cache (prefill progress, then n_past)."""
@@ -111,6 +139,8 @@ class Job:
     drafts: NgramDrafts | None = None
     """The prompt's and the text's n-grams, for speculation (greedy requests only)."""
     acceptance: Acceptance = field(default_factory=Acceptance)
+    catching_up: bool = True
+    """Whether the answer's tokens are still computed again as loose pieces as it goes."""
 
 
 class Lookup(NamedTuple):
@@ -130,10 +160,10 @@ class Slot:
     index: int
     tokens: list[int] = field(default_factory=list)
     """What this sequence's cache holds, position by position."""
-    ends: list[int] = field(default_factory=list)
-    """Where the leading chunks that were computed as prefill chunks end, each alone
-    in its batch after the ones before (not used with `reuse_generated`: then every
-    cached token counts)."""
+    done: list[Segment] = field(default_factory=list)
+    """How the leading cached tokens were computed as prompt pieces: whole chunks,
+    each alone in its batch after the ones before, and loose runs (not used with
+    `reuse_generated`: then every cached token counts)."""
     job: Job | None = None
     recompute: list[int] = field(default_factory=list)
     """The latest finished sequence's prompt and answer, up to where a next turn would
@@ -142,8 +172,8 @@ class Slot:
 
     @property
     def reusable(self) -> int:
-        """Leading tokens computed as prefill chunks."""
-        return self.ends[-1] if self.ends else 0
+        """Leading tokens computed as prompt pieces."""
+        return exact_end(self.done)
 
 
 @dataclass
@@ -154,7 +184,8 @@ class Stats:
     reused_tokens: int = 0
     steps: int = 0
     recomputed_tokens: int = 0
-    """Cached tokens computed again as prompt chunks while the engine was idle."""
+    """Cached tokens computed again as prompt pieces: while the engine was idle, or
+    catching up with a lone stream's answer."""
     drafted_tokens: int = 0
     accepted_tokens: int = 0
 
@@ -171,6 +202,7 @@ class Scheduler:
         prefix_cache: bool = True,
         reuse_generated: bool = False,
         turn_marker: Sequence[int] = (),
+        loose: Loose | None = None,
         speculative: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -179,6 +211,9 @@ class Scheduler:
         self._chunk = chunk
         self._marker = tuple(turn_marker)
         """The tokens that open a turn; each turn's prompt chunks start at its marker."""
+        self._loose = loose
+        """Batch shapes whose numbers do not depend on the cut: each turn's tail is then
+        computed in loose pieces, and a lone stream's answer catches up as it goes."""
         if prefill_budget < chunk:
             raise ValueError("the prefill budget must hold a whole chunk: a chunk must always fit in a step")
         self._prefill_budget = prefill_budget
@@ -228,9 +263,10 @@ class Scheduler:
         self._fail_everyone(Overloaded("The server is shutting down", retry_after=1.0))
 
     def calibrate(self, rounds: int = 2) -> None:
-        """Time the small batches that speculation chooses between (`StepCosts`), on
-        slot 0 before any request: the fastest of `rounds` timings of each size, after
-        one decode that pages the weights in."""
+        """Before any request, on slot 0: check the loose shapes (`check_loose`), and time
+        the small batches that speculation chooses between (`StepCosts`): the fastest of
+        `rounds` timings of each size, after one decode that pages the weights in."""
+        self.check_loose()
         if not self._speculative:
             return
         model, token = self._model, self._model.vocab.tokenize("a")[-1]
@@ -250,6 +286,44 @@ class Scheduler:
 
         timed(1)
         self._costs.calibrate({rows: min(timed(rows) for _ in range(rounds)) for rows in CALIBRATION_ROWS})
+
+    def check_loose(self) -> None:
+        """Check that this build of llama.cpp gives a token the same numbers in loose
+        pieces however a text is cut (three cuts of a short text, compared bit for
+        bit); if not, tails are computed as chunks, as without loose shapes."""
+        loose = self._loose
+        if loose is None:
+            return
+        model = self._model
+        tokens = model.vocab.tokenize(LOOSE_PROBE)[: 3 * loose.fewest + 1]
+
+        def logits_after(pieces: list[int]) -> npt.NDArray[np.float32]:
+            position = 0
+            for size in [*pieces, 1]:  # the last token alone, its logits at batch index 0
+                model.batch.clear()
+                for offset in range(loose.rows(size)):
+                    at = position + offset
+                    model.batch.add(tokens[at] if offset < size else tokens[0], at, 0, at == len(tokens) - 1)
+                status = model.decode()
+                position += size
+                model.forget(0, position)
+                if status != 0:
+                    raise EngineFailure(f"llama_decode returned {status} while checking the loose shapes")
+            logits = np.array(model.logits(0), copy=True)
+            model.forget(0)
+            model.batch.clear()
+            return logits
+
+        if len(tokens) != 3 * loose.fewest + 1:
+            return  # a vocabulary whose tokens are long: keep the shapes, nothing to compare
+        cuts = [[3 * loose.fewest], [loose.fewest] * 3, [1, 3 * loose.fewest - 1]]
+        reference, *others = (logits_after(cut) for cut in cuts)
+        if not all(np.array_equal(reference, other) for other in others):
+            log.warning(
+                "this llama.cpp build gives a token other numbers in differently cut pieces: turn tails are "
+                "computed as chunks, and answers are reused only after the idle recompute"
+            )
+            self._loose = None
 
     def step(self) -> bool:
         """One round of the worker loop: take newcomers, drop the cancelled, fill free
@@ -279,29 +353,48 @@ class Scheduler:
 
     def _recompute_chunk(self, slot: Slot) -> bool:
         """Compute the slot's next chunk to recompute; False when it has none."""
-        wanted = chunk_ends(slot.recompute, self._chunk, self._marker)
-        start = shared_end(slot.ends, wanted, len(slot.recompute))
+        wanted = self._plan(slot.recompute)
+        start = shared_end(slot.done, wanted, len(slot.recompute))
         if start == len(slot.recompute) or not self._can_go_on_from(slot, start):
             slot.recompute = []  # done, or the answer outgrew the sliding window
             return False
-        end = next_end(wanted, start)
+        end = piece_end(wanted, start, self._loose)
+        loose = next(s for s in wanted if s.start <= start < s.end).loose
         chunk = slot.recompute[start:end]
         model = self._model
         model.forget(slot.index, start)
         del slot.tokens[start:]
-        slot.ends = [e for e in slot.ends if e <= start]
+        slot.done = cut_at(slot.done, start)
         model.batch.clear()
         for offset, token in enumerate(chunk):
             model.batch.add(token, start + offset, slot.index, False)
+        padded = loose and self._pad(slot, end, len(chunk), chunk[-1])
         status = model.decode()
         self.stats.steps += 1
         if status != 0:
             log.warning("llama_decode returned %d while recomputing a cached answer; its cache is dropped", status)
             self._release(slot, forget=True)
             return True
+        model.forget(slot.index, end)  # the padding rows
         slot.tokens.extend(chunk)
-        slot.ends.append(end)
+        if not loose or padded:
+            add_piece(slot.done, Segment(start, end, loose))
         self.stats.recomputed_tokens += len(chunk)
+        return True
+
+    def _plan(self, tokens: Sequence[int]) -> list[Segment]:
+        return segments(tokens, self._chunk, self._marker, loose=self._loose is not None)
+
+    def _pad(self, slot: Slot, end: int, rows: int, token: int) -> bool:
+        """Add throwaway rows (of `token`) at `end` on, after the `rows` rows of the slot's
+        piece, so that the piece has a loose shape; False when the context has no room.
+        The caller drops them from the cache after the decode."""
+        assert self._loose is not None
+        extra = self._loose.rows(rows) - rows
+        if end + extra > self._model.slot_context:
+            return False
+        for offset in range(extra):
+            self._model.batch.add(token, end + offset, slot.index, False)
         return True
 
     def _take_inbox(self) -> None:
@@ -309,7 +402,7 @@ class Scheduler:
             job = self._inbox.popleft()
             ids = job.request.tokens.ids  # tokenized once, by the engine's `tokenize`
             job.prompt = list(ids) if ids is not None else self._model.vocab.tokenize(job.request.prompt)
-            job.ends = chunk_ends(job.prompt, self._chunk, self._marker)
+            job.plan = self._plan(job.prompt)
             if 0 < len(job.prompt) < self._model.slot_context:
                 if self._speculative and job.request.sampling.greedy:
                     job.drafts = NgramDrafts(job.prompt)
@@ -352,7 +445,7 @@ class Scheduler:
             keep = most
         self._model.forget(target.index, keep)
         target.tokens = source.tokens[:keep]
-        target.ends = [end for end in source.ends if end <= keep]
+        target.done = cut_at(source.done, keep)
         target.recompute = []
         return target, keep
 
@@ -364,7 +457,7 @@ class Scheduler:
         same = 0
         while same < limit and slot.tokens[same] == prompt[same]:
             same += 1
-        keep = same if self._reuse_generated else shared_end(slot.ends, job.ends, same)
+        keep = same if self._reuse_generated else shared_end(slot.done, job.plan, same)
         return keep if self._can_go_on_from(slot, keep) else 0
 
     def _can_go_on_from(self, slot: Slot, position: int) -> bool:
@@ -422,8 +515,16 @@ class Scheduler:
         """Decode every generating job's sampled token (and its draft) in one batch and
         take the tokens that come out. Returns the rows of llama.cpp's passes."""
         self._model.batch.clear()
+        behind = self._catching_up(generating, lookups)
+        if behind is not None:
+            self._add_catch_up(generating[0], behind)
         pairs = zip(generating, lookups, strict=True)
         verifying = [(job, lookup, self._add_generated(job, lookup.draft)) for job, lookup in pairs]
+        if behind is not None:
+            job = generating[0]
+            assert job.slot is not None
+            fed = job.position
+            self._pad(job.slot, fed, fed - behind, job.slot.tokens[-1])  # `_catching_up` checked the room
         rows = [(self._slot_of(job), len(indexes)) for job, _, indexes in verifying]
         passes = ubatches(rows)
         plain = planned = None
@@ -436,13 +537,58 @@ class Scheduler:
             self._fail_batch(generating, status)
             return passes
         elapsed = self._clock() - started
+        if behind is not None:
+            slot = generating[0].slot
+            assert slot is not None
+            self._model.forget(slot.index, fed)  # the padding rows
+            add_piece(slot.done, Segment(behind, fed, True))
+            self.stats.recomputed_tokens += fed - behind - 1
         for job, lookup, indexes in verifying:
             self._verify(job, lookup, indexes)
-        if len(passes) == 1:  # what one pass of that shape costs
+        if len(passes) == 1 and behind is None:  # what one pass of that shape costs
             self._costs.record(passes[0].rows, passes[0].sequences, elapsed)
         if plain is not None and planned is not None:
             self._costs.record_shared_drafts(planned - plain, elapsed - plain)
         return passes
+
+    def _catching_up(self, generating: list[Job], lookups: list[Lookup]) -> int | None:
+        """Where a lone stream's answer is computed again in this step, or None.
+
+        An answer's tokens come out of steps of one row (or a few), shapes whose numbers
+        differ from a prompt's. A lone stream that fell `CATCH_UP_AFTER` tokens behind its
+        last exact one computes them again in this step, with its next token, as one
+        loose piece (the cache drops them first: llama.cpp wants a sequence's positions
+        in order), so a conversation's next turn sent right after the answer reuses it
+        as if it had been prompt. A stream beside others is not caught up (its rows
+        would share llama.cpp's passes with theirs), nor a step that drafts, nor an
+        answer whose turn grew into whole chunks."""
+        loose = self._loose
+        if loose is None or not self._prefix_cache or self._reuse_generated:
+            return None
+        if len(generating) != 1 or lookups[0].verified or not generating[0].catching_up:
+            return None
+        job = generating[0]
+        slot = job.slot
+        assert slot is not None and job.pending is not None
+        start = slot.reusable
+        behind = job.position - start
+        if behind < CATCH_UP_AFTER:
+            return None
+        if behind > CATCH_UP_AT_MOST or start < tail_start([*slot.tokens, job.pending], self._chunk, self._marker):
+            job.catching_up = False
+            return None
+        rows = behind + 1
+        if job.position + 1 + loose.rows(rows) - rows > self._model.slot_context:
+            return None
+        return start
+
+    def _add_catch_up(self, job: Job, start: int) -> None:
+        """Add the job's cached tokens from `start` on again, without logits."""
+        slot = job.slot
+        assert slot is not None
+        self._model.forget(slot.index, start)
+        for position in range(start, job.position):
+            self._model.batch.add(slot.tokens[position], position, slot.index, False)
 
     def _decode_chunk(self, job: Job) -> None:
         self._model.batch.clear()
@@ -451,6 +597,8 @@ class Scheduler:
         if status != 0:
             self._fail_batch([job], status)
             return
+        assert job.slot is not None
+        self._model.forget(job.slot.index, job.position)  # the padding rows of a loose piece
         for index in indexes:
             self._accept(job, self._sample(job, index))
 
@@ -519,6 +667,7 @@ class Scheduler:
                 kept = job.position - len(draft) + agreed  # the sampled token and the agreed drafts
                 self._model.forget(job.slot.index, kept)
                 del job.slot.tokens[kept:]
+                job.slot.done = cut_at(job.slot.done, kept)
                 job.position = kept
         for token in tokens[:-1]:
             if not self._emit(job, token):
@@ -526,23 +675,26 @@ class Scheduler:
         self._accept(job, tokens[-1])
 
     def _next_chunk_size(self, job: Job) -> int:
-        return next_end(job.ends, job.position) - job.position
+        return piece_end(job.plan, job.position, self._loose) - job.position
 
     def _add_chunk(self, job: Job) -> list[int]:
-        """Add the job's next prompt chunk. Returns the batch index of the
-        prompt's last token when this chunk ends the prompt (its logits give the
-        first generated token), else nothing."""
-        assert job.slot is not None
+        """Add the job's next prompt piece (a loose one padded to its shape). Returns
+        the batch index of the prompt's last token when this piece ends the prompt
+        (its logits give the first generated token), else nothing."""
+        slot = job.slot
+        assert slot is not None
         start = job.position
         end = start + self._next_chunk_size(job)
         last = len(job.prompt) - 1
         indexes = [
-            self._model.batch.add(job.prompt[position], position, job.slot.index, position == last)
+            self._model.batch.add(job.prompt[position], position, slot.index, position == last)
             for position in range(start, end)
         ]
-        job.slot.tokens.extend(job.prompt[start:end])
-        if job.slot.reusable == start:
-            job.slot.ends.append(end)
+        loose = next(s for s in job.plan if s.start <= start < s.end).loose and self._loose is not None
+        exact = not loose or self._pad(slot, end, end - start, job.prompt[end - 1])
+        slot.tokens.extend(job.prompt[start:end])
+        if exact and slot.reusable == start:
+            add_piece(slot.done, Segment(start, end, loose))
         job.position = end
         return [indexes[-1]] if end == len(job.prompt) else []
 
@@ -601,7 +753,7 @@ class Scheduler:
         job, slot.job = slot.job, None
         if forget:
             self._model.forget(slot.index)
-            slot.tokens, slot.ends, slot.recompute = [], [], []
+            slot.tokens, slot.done, slot.recompute = [], [], []
         elif self._prefix_cache and not self._reuse_generated and job is not None and job.produced:
             # Only the latest answer waits for the idle engine: after a burst, recomputing
             # every answer kept the engine busy for seconds, and each request arriving
