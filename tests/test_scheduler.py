@@ -691,3 +691,16 @@ def test_loose_shapes_are_dropped_when_the_model_gives_other_numbers_in_other_cu
     shaky.run_until_idle()
     assert [len(batch) for batch in shaky.model.decoded[-3:]] == [10, 1, 1]  # the tail as one chunk, unpadded
     assert shaky.text(job) == reference("hello wor", 3)
+
+
+def test_a_job_ends_at_the_token_that_completes_a_stop_sequence() -> None:
+    """The service's matcher finds the stop too; ending here spares the step that the
+    cancellation would cost (a next turn sent at once would wait for it)."""
+    harness = Harness(slots=1, slot_context=128, next_token=replying("sure.\n\nHuman: and more"))
+    job = harness.submit("Q: hi A:", max_tokens=30)
+    harness.run_until_idle()
+    assert harness.text(job) == "sure.\n\nHuman:"
+    assert harness.finished(job) == Finished("stop_sequence", "\n\nHuman:")
+    decoded = [entry.position for batch in harness.model.decoded for entry in batch]
+    # The token that completed the stop was streamed but never decoded.
+    assert max(decoded) == len(job.prompt) + len("sure.\n\nHuman:") - 2

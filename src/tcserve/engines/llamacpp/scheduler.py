@@ -62,6 +62,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tcserve.core.request import EngineEvent, Finished, FinishReason, GenerationRequest, TextDelta
+from tcserve.core.stops import StopMatch, StopMatcher
 from tcserve.engines.llamacpp.chunks import (
     Loose,
     Segment,
@@ -141,6 +142,11 @@ class Job:
     acceptance: Acceptance = field(default_factory=Acceptance)
     catching_up: bool = True
     """Whether the answer's tokens are still computed again as loose pieces as it goes."""
+    stops: StopMatcher = field(init=False)
+    """The request's stop sequences, found in the text as it is streamed."""
+
+    def __post_init__(self) -> None:
+        self.stops = StopMatcher(self.request.stop_sequences)
 
 
 class Lookup(NamedTuple):
@@ -724,16 +730,23 @@ class Scheduler:
             job.drafts.extend((token,))
         # One delta per token, even while its text is an incomplete UTF-8 character: the
         # deltas' count is the request's output tokens.
-        self._outbox.append((job, TextDelta(job.utf8.decode(vocab.piece(token)))))
+        text = job.utf8.decode(vocab.piece(token))
+        self._outbox.append((job, TextDelta(text)))
+        if isinstance(stop := job.stops.feed(text), StopMatch):
+            # The service's own matcher finds the same stop in the same text and ends the
+            # response there; stopping here spares the step it would take to cancel the
+            # job, which a conversation's next turn, sent at once, would wait for.
+            self._finish(job, "stop_sequence", stop.stop)
+            return False
         if job.produced >= job.request.max_tokens:
             self._finish(job, "max_tokens")
             return False
         return True
 
-    def _finish(self, job: Job, reason: FinishReason) -> None:
+    def _finish(self, job: Job, reason: FinishReason, stop: str | None = None) -> None:
         if tail := job.utf8.decode(b"", final=True):
             self._outbox.append((job, TextDelta(tail, tokens=0)))
-        self._outbox.append((job, Finished(reason)))
+        self._outbox.append((job, Finished(reason, stop)))
         assert job.slot is not None
         self._release(job.slot)
 
