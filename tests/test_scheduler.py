@@ -672,6 +672,9 @@ def test_loose_shapes_are_dropped_when_the_model_gives_other_numbers_in_other_cu
     harness = Harness(slots=1, slot_context=128, chunk=64, prefill_budget=64, loose=CPU_LOOSE)
     harness.scheduler.calibrate()
     assert harness.scheduler._loose is CPU_LOOSE  # the fake's numbers depend on the tokens alone
+    cramped = Harness(slots=1, slot_context=16, chunk=8, prefill_budget=8, loose=CPU_LOOSE)
+    cramped.scheduler.calibrate()
+    assert cramped.scheduler._loose is None  # no room for the check's padded pieces
 
     shaky = Harness(slots=1, slot_context=128, chunk=64, prefill_budget=64, loose=CPU_LOOSE)
     plain_decode = shaky.model.decode
