@@ -30,8 +30,9 @@ from tcserve.errors import EngineFailure, EngineNotReady, TCServeError
 log = logging.getLogger("tcserve.llamacpp")
 
 PREFILL_CHUNK = 128
-"""Prompt tokens per chunk (each turn is cut from its start); a cached prefix is
-reused chunk by chunk."""
+"""Prompt tokens per whole chunk (each turn is cut from its start, its tail in loose
+pieces: `chunks.py`); a cached prefix is reused chunk by chunk, and within a tail up
+to any token."""
 
 
 def default_model_path() -> Path:
