@@ -43,8 +43,8 @@ class Segment(NamedTuple):
 class Loose:
     """llama.cpp batch shapes whose rows' numbers do not depend on how a text is cut.
 
-    Measured on llama.cpp's CPU backend (Gemma 3 270M Q4_K_M; AVX2 and AVX-512 take
-    the same paths): a row gets the same numbers in any llama_decode of one sequence
+    Measured on llama.cpp's CPU backend (Gemma 3 270M Q4_K_M, AVX-512; by the source,
+    AVX2 takes the same paths): a row gets the same numbers in any llama_decode of one sequence
     of `fewest` to `most` rows whose row count is a multiple of `group`. Below 8
     rows the K-quant matmul takes its vec_dot path instead of the tiled one; from 64
     query rows on, flash attention takes its tiled path; rows after the last whole
