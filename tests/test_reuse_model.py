@@ -12,6 +12,7 @@ gives the same logits, bit for bit, whatever the cache held before.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +66,20 @@ def run_until_done(scheduler: Scheduler, outcomes: list[tuple[Job, Outcome]], jo
             return
         scheduler.step()
     raise AssertionError("the job did not finish")
+
+
+def assert_logits_of_a_cold_engine(model: Model, prompt: str, reusing: FirstLogits, **options: Any) -> None:
+    """The first logits of `prompt` on a fresh scheduler that reuses nothing are `reusing`'s, bit for bit."""
+    model.forget(0)
+    model.forget(1)
+    outcomes: list[tuple[Job, Outcome]] = []
+    cold = Scheduler(
+        model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, prefix_cache=False, **options
+    )
+    job, fresh = submit(cold, prompt, max_tokens=1)
+    run_until_done(cold, outcomes, job)
+    assert reusing.first is not None and fresh.first is not None
+    assert np.array_equal(reusing.first, fresh.first), f"max difference {np.abs(reusing.first - fresh.first).max()}"
 
 
 def logits_after(
@@ -125,15 +140,7 @@ def test_a_prefix_prefilled_beside_a_generating_sequence_is_reused_with_the_numb
     run_until_done(busy, outcomes, second)
     assert busy.stats.reused_tokens - reused >= 3 * PREFILL_CHUNK
 
-    model.forget(0)
-    model.forget(1)
-    alone = Scheduler(
-        model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, prefix_cache=False, loose=loose
-    )
-    third, fresh = submit(alone, follow_up, max_tokens=1)
-    run_until_done(alone, outcomes, third)
-    assert reusing.first is not None and fresh.first is not None
-    assert np.array_equal(reusing.first, fresh.first), f"max difference {np.abs(reusing.first - fresh.first).max()}"
+    assert_logits_of_a_cold_engine(model, follow_up, reusing, loose=loose)
 
 
 @pytest.mark.parametrize("loose", [None, CPU_LOOSE], ids=["chunks", "loose-tails"])
@@ -163,16 +170,7 @@ def test_a_conversations_next_turn_reuses_the_recomputed_answer_with_the_numbers
     # Everything up to the new turn's marker: turn 1 and all of its answer.
     assert warm.stats.reused_tokens - reused == len(model.vocab.tokenize(f"{turn_1}{answer}"))
 
-    model.forget(0)
-    model.forget(1)
-    cold = Scheduler(
-        model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, prefix_cache=False,
-        turn_marker=marker, loose=loose,
-    )  # fmt: skip
-    third, fresh = submit(cold, turn_2, max_tokens=1)
-    run_until_done(cold, outcomes, third)
-    assert reusing.first is not None and fresh.first is not None
-    assert np.array_equal(reusing.first, fresh.first), f"max difference {np.abs(reusing.first - fresh.first).max()}"
+    assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=loose)
 
 
 def test_a_turn_sent_right_after_the_answer_reuses_what_the_stream_caught_up_with_the_numbers_of_a_lone_prompt(
@@ -200,13 +198,4 @@ def test_a_turn_sent_right_after_the_answer_reuses_what_the_stream_caught_up_wit
     # All of turn 1 and its answer but the tokens streamed since the stream last caught up.
     assert warm.stats.reused_tokens - reused >= len(model.vocab.tokenize(f"{turn_1}{answer}")) - (CATCH_UP_AFTER + 1)
 
-    model.forget(0)
-    model.forget(1)
-    cold = Scheduler(
-        model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, prefix_cache=False,
-        turn_marker=marker, loose=CPU_LOOSE,
-    )  # fmt: skip
-    third, fresh = submit(cold, turn_2, max_tokens=1)
-    run_until_done(cold, outcomes, third)
-    assert reusing.first is not None and fresh.first is not None
-    assert np.array_equal(reusing.first, fresh.first), f"max difference {np.abs(reusing.first - fresh.first).max()}"
+    assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=CPU_LOOSE)
