@@ -46,7 +46,8 @@ def test_a_draft_is_what_followed_the_latest_longest_match() -> None:
     drafts = NgramDrafts([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
     assert drafts.propose(3) == [7, 8, 5]  # "2 3" last ended before 7 (the longer "5 2 3" never occurred)
     drafts.extend([7])
-    assert drafts.propose(8) == [8, 5, 2, 3, 7]  # "2 3 7": up to the end of what is known
+    # "2 3 7" last ended before 8, five tokens back: the text repeats with period 5.
+    assert drafts.propose(8) == [8, 5, 2, 3, 7, 8, 5, 2]
     assert drafts.propose(0) == []
 
 
@@ -54,7 +55,9 @@ def test_a_suffix_seen_only_once_proposes_nothing() -> None:
     drafts = NgramDrafts([4, 5, 6])
     assert drafts.propose(4) == []
     drafts.extend([4, 5])
-    assert drafts.propose(4) == [6, 4, 5]
+    assert drafts.propose(4) == [6, 4, 5, 6]
+    drafts.extend([0, 0, 0])
+    assert drafts.propose(3) == [0, 0, 0]  # a loop of one token: "0 0" ended one token back
 
 
 # -- the decision -------------------------------------------------------------------------

@@ -50,15 +50,20 @@ class NgramDrafts:
             self._tokens.append(token)
 
     def propose(self, limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the latest earlier occurrence of the
-        sequence's longest matching suffix; [] when no suffix occurred before."""
+        """`limit` tokens that followed the latest earlier occurrence of the sequence's
+        longest matching suffix; [] when no suffix occurred before. Where what followed
+        runs into the end of the text, the text is repeating itself with the period
+        between the two occurrences, and the draft goes on repeating it (what looking
+        up again after each drafted token would give): a loop of one token ("0000")
+        drafts `limit` zeros, not one."""
         tokens, size = self._tokens, len(self._tokens)
         if limit <= 0:
             return []
         for n in range(min(LONGEST_MATCH, size), SHORTEST_MATCH - 1, -1):
             end = self._ends.get(tuple(tokens[size - n :]))
             if end is not None:
-                return tokens[end : min(end + limit, size)]
+                period = size - end
+                return [tokens[end + offset % period] for offset in range(limit)]
         return []
 
     def _register_suffix(self) -> None:
