@@ -15,7 +15,7 @@ import pytest
 
 from fake_model import EOS, hashed, replying, tokens_of
 from tcserve.core.request import SamplingParams
-from tcserve.engines.llamacpp.speculation import NgramDrafts, StepCosts, plan_drafts, ubatches
+from tcserve.engines.llamacpp.speculation import Acceptance, NgramDrafts, StepCosts, plan_drafts, ubatches
 from test_scheduler import Harness, reference
 
 PASSAGE = "the quick brown fox jumps over the lazy dog and runs into the woods"
@@ -63,6 +63,39 @@ def test_a_suffix_seen_only_once_proposes_nothing() -> None:
 # -- the decision -------------------------------------------------------------------------
 
 
+def test_a_run_of_right_guesses_makes_the_next_drafted_tokens_likelier_and_a_miss_ends_it() -> None:
+    acceptance = Acceptance()
+    fresh = acceptance.chances(4)
+    assert fresh == sorted(fresh, reverse=True) and fresh[0] == pytest.approx(0.5)  # the Beta(1, 1) rate
+    acceptance.record(6, 6)  # a whole draft was right
+    running = acceptance.chances(4)
+    assert acceptance.run == 6 and running[0] > acceptance.rate > fresh[0]
+    acceptance.record(8, 8)
+    assert acceptance.chances(4)[3] > running[3]  # a longer run: likelier still
+    acceptance.record(2, 3)  # a miss after two right ones
+    assert acceptance.run == 0
+    assert acceptance.chances(1) == [pytest.approx(acceptance.rate)]  # back to the rate so far
+    acceptance.record(3, 3)
+    acceptance.lost()  # a step with no lookup: the text left what was copied
+    assert acceptance.run == 0 and (acceptance.accepted, acceptance.tried) == (19, 20)
+
+
+def test_a_sequence_whose_lookups_keep_missing_drafts_nothing() -> None:
+    costs = StepCosts()
+    costs.calibrate({1: 0.026, 4: 0.044, 8: 0.075, 12: 0.101, 16: 0.126})  # measured on Gemma 3 270M
+    missing, copying = Acceptance(), Acceptance()
+    for _ in range(10):
+        missing.record(0, 1)
+        copying.record(1, 1)
+    assert plan_drafts([0], [missing.chances(15)], costs, room=15) == [0]
+    assert plan_drafts([0], [copying.chances(15)], costs, room=15) == [15]  # 16 rows: the cheapest a token
+
+
+def steady(available: int, rate: float) -> list[float]:
+    """The chances of `available` drafted tokens, each right with probability `rate`."""
+    return [rate**j for j in range(1, available + 1)]
+
+
 def measured(cost: object, rows: range) -> StepCosts:
     costs = StepCosts()
     for count in rows:
@@ -72,28 +105,28 @@ def measured(cost: object, rows: range) -> StepCosts:
 
 def test_a_memory_bound_step_takes_every_likely_draft_token_within_the_room() -> None:
     costs = measured(flat, range(1, 40))
-    assert plan_drafts([0], [(16, 0.9)], costs, room=100) == [16]
-    assert plan_drafts([0], [(16, 0.9)], costs, room=5) == [5]
-    assert sum(plan_drafts([0, 1], [(16, 0.9), (16, 0.9)], costs, room=20)) == 20
+    assert plan_drafts([0], [steady(16, 0.9)], costs, room=100) == [16]
+    assert plan_drafts([0], [steady(16, 0.9)], costs, room=5) == [5]
+    assert sum(plan_drafts([0, 1], [steady(16, 0.9), steady(16, 0.9)], costs, room=20)) == 20
 
 
 def test_a_compute_bound_step_takes_no_draft_unless_it_is_nearly_sure() -> None:
     costs = measured(linear, range(1, 60))
-    assert plan_drafts(list(range(16)), [(8, 0.5)] * 16, costs, room=100) == [0] * 16
+    assert plan_drafts(list(range(16)), [steady(8, 0.5)] * 16, costs, room=100) == [0] * 16
     # A draft token right 99% of the time adds 0.99 tokens for one row's price: worth it.
-    assert plan_drafts([0], [(1, 0.99)], costs, room=100) == [1]
+    assert plan_drafts([0], [steady(1, 0.99)], costs, room=100) == [1]
 
 
 def test_likelier_drafts_go_first_and_nothing_is_planned_before_a_step_was_measured() -> None:
     costs = measured(lambda rows: 0.015 + 0.002 * rows, range(1, 40))
-    assert plan_drafts([0], [(8, 0.95)], costs, room=100) > plan_drafts([0], [(8, 0.3)], costs, room=100)
-    assert plan_drafts([3], [(8, 0.9)], StepCosts(), room=100) == [0]
+    assert plan_drafts([0], [steady(8, 0.95)], costs, room=100) > plan_drafts([0], [steady(8, 0.3)], costs, room=100)
+    assert plan_drafts([3], [steady(8, 0.9)], StepCosts(), room=100) == [0]
 
 
 def test_a_larger_step_than_any_measured_costs_what_the_largest_rows_cost_each() -> None:
     costs = measured(linear, range(1, 3))
     assert costs.predict(40) == pytest.approx(linear(40))
-    assert plan_drafts(list(range(16)), [(8, 0.5)] * 16, costs, room=100) == [0] * 16
+    assert plan_drafts(list(range(16)), [steady(8, 0.5)] * 16, costs, room=100) == [0] * 16
     costs.record(3, 1, linear(1))  # a noisy reading: the line never falls
     assert costs.predict(40) == pytest.approx(linear(1))
     assert measured(linear, range(1, 2)).predict(40) == linear(1)  # one figure: nothing to extend
@@ -117,7 +150,7 @@ def test_passes_of_several_sequences_are_learned_apart_from_a_lone_sequence_s_ca
     four.calibrate(memory_bound)
     for rows in (4, 8, 12):
         four.record(rows, 4, linear(rows))
-    offers = [(8, 0.8)] * 4
+    offers = [steady(8, 0.8)] * 4
     assert sum(plan_drafts([0, 1, 2, 3], offers, lone, room=12)) > 0
     assert plan_drafts([0, 1, 2, 3], offers, four, room=12) == [0, 0, 0, 0]
 
@@ -126,12 +159,12 @@ def test_drafts_beside_other_sequences_are_planned_at_what_they_were_seen_to_cos
     costs = StepCosts()
     costs.calibrate({1: 0.018, 4: 0.024, 9: 0.034})  # 2 ms a row: drafts look cheap
     costs.record(2, 2, 0.020)
-    offers = [(8, 0.8), (8, 0.8)]
+    offers = [steady(8, 0.8), steady(8, 0.8)]
     assert sum(plan_drafts([0, 1], offers, costs, room=14)) > 0
     for _ in range(30):
         costs.record_shared_drafts(predicted=0.004, measured=0.040)  # ten times the prediction
     assert plan_drafts([0, 1], offers, costs, room=14) == [0, 0]
-    assert plan_drafts([0], [(8, 0.8)], costs, room=14) != [0]  # a lone sequence's plan never uses it
+    assert plan_drafts([0], [steady(8, 0.8)], costs, room=14) != [0]  # a lone sequence's plan never uses it
 
 
 def test_llama_cpp_makes_one_pass_per_run_of_consecutive_slots_with_equal_rows() -> None:
@@ -144,10 +177,12 @@ def test_llama_cpp_makes_one_pass_per_run_of_consecutive_slots_with_equal_rows()
 
 def test_uneven_drafts_that_split_the_batch_into_more_passes_do_not_pay() -> None:
     costs = measured(lambda rows: 0.018 + 0.002 * rows, range(1, 40))  # a pass costs most
-    assert plan_drafts([0, 1, 2, 3], [(8, 0.9), (0, 0.0), (0, 0.0), (0, 0.0)], costs, room=100) == [0, 0, 0, 0]
-    even = plan_drafts([0, 1, 2, 3], [(8, 0.9)] * 4, costs, room=100)
+    assert plan_drafts(
+        [0, 1, 2, 3], [steady(8, 0.9), steady(0, 0.0), steady(0, 0.0), steady(0, 0.0)], costs, room=100
+    ) == [0, 0, 0, 0]
+    even = plan_drafts([0, 1, 2, 3], [steady(8, 0.9)] * 4, costs, room=100)
     assert len(set(even)) == 1 and even[0] > 0  # the same for each: still one pass
-    assert plan_drafts([0], [(8, 0.9)], costs, room=100) == [8]
+    assert plan_drafts([0], [steady(8, 0.9)], costs, room=100) == [8]
 
 
 # -- in the scheduler ---------------------------------------------------------------------

@@ -618,7 +618,7 @@ class Scheduler:
         proposals = [job.drafts.propose(self._draft_limit(job)) if job.drafts else [] for job in generating]
         if not any(proposals):
             return [Lookup(proposal) for proposal in proposals]
-        offers = [(len(draft), job.acceptance.rate) for job, draft in zip(generating, proposals, strict=True)]
+        offers = [job.acceptance.chances(len(draft)) for job, draft in zip(generating, proposals, strict=True)]
         # llama.cpp keeps a logit row for each of its sequences, and a step that wants more
         # grows that buffer for good (1 MiB a row on Gemma): drafts fill the rows of the
         # sequences that are not generating (and one whole draft when there are few slots).
@@ -662,7 +662,9 @@ class Scheduler:
             tokens.append(token)
             if offset == len(draft) or token != draft[offset]:
                 break
-        if lookup.proposal and not draft:
+        if not lookup.proposal:
+            job.acceptance.lost()
+        elif not draft:
             # A lookup the step did not verify is checked all the same, so that the job's
             # acceptance is learned while it is not drafting, and drafting starts once it
             # would pay (at the 1/2 prior, four sequences side by side never drafted).

@@ -14,9 +14,10 @@ the drafts are greedy guesses, and checking them against a sampled token would n
 rejection sampling against a draft distribution that a lookup does not have.
 
 Whether a step speculates is decided from measured costs (`StepCosts`, one figure
-per llama.cpp pass: `ubatches`): drafts are added only while the expected tokens per
-second of the step rise. A batch of many sequences gets few or none; a lone stream
-gets as many as its acceptance rate makes worth it (a handful at 90%).
+per llama.cpp pass: `ubatches`) and from how likely each drafted token is
+(`Acceptance`): drafts are added only while the expected tokens per second of the
+step rise. A batch of many sequences gets few or none; a lone stream copying its
+prompt gets a long draft, a stream whose lookups keep missing none.
 """
 
 from __future__ import annotations
@@ -74,22 +75,54 @@ class NgramDrafts:
             self._ends[tuple(tokens[size - n :])] = size
 
 
+RUN_PRIOR = 2.0
+"""The weight, in tokens, of a sequence's overall rate in the chance of its next
+drafted token; the current run of right guesses is added to it (`Acceptance`)."""
+
+
 @dataclass
 class Acceptance:
-    """How often one sequence's drafted tokens were right, as the chance that the next
-    drafted token is (a Beta(1, 1) prior: 1/2 before any evidence)."""
+    """How likely one sequence's next drafted tokens are right.
+
+    Copying comes in runs: a lookup that was right for the last tokens is likely right
+    for the next one, and a miss means the text left what was copied. On the bench's
+    grounded answers (36 prompts, 128 tokens each, plain greedy), the next lookup token
+    was right 66% of the time after a miss, 90% after 2 right ones and 99% after 16.
+    So a drafted token's chance is a Beta prior centred on the sequence's rate so far
+    (`rate`, from a Beta(1, 1)), of weight `RUN_PRIOR` tokens, updated with the current
+    run of right guesses, the drafted tokens before it counted as right (it counts only
+    if they are). Only the request's own history enters: the plan for a lone greedy
+    request depends on the request alone (see `StepCosts`)."""
 
     accepted: int = 0
     tried: int = 0
     """Drafted tokens that were checked: up to and including the first wrong one."""
+    run: int = 0
+    """Right guesses since the last wrong one (or since a step with no lookup)."""
 
     @property
     def rate(self) -> float:
         return (self.accepted + 1) / (self.tried + 2)
 
+    def chances(self, available: int) -> list[float]:
+        """For drafted tokens 1 to `available`: the chance that the token counts (it
+        and every drafted token before it are right); decreasing."""
+        rate, chance, chances = self.rate, 1.0, []
+        for before in range(available):
+            right = self.run + before
+            chance *= (right + RUN_PRIOR * rate) / (right + RUN_PRIOR)
+            chances.append(chance)
+        return chances
+
     def record(self, accepted: int, tried: int) -> None:
+        """`tried` drafted tokens were checked, the first `accepted` right (one more is a miss)."""
         self.accepted += accepted
         self.tried += tried
+        self.run = self.run + accepted if accepted == tried else 0
+
+    def lost(self) -> None:
+        """A step without a lookup: the text is not what the lookups know."""
+        self.run = 0
 
 
 CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 8, MAX_DRAFT + 1)
@@ -235,27 +268,25 @@ def predicted_seconds(rows: Sequence[tuple[int, int]], costs: StepCosts) -> floa
     return total
 
 
-def plan_drafts(slots: Sequence[int], offers: Sequence[tuple[int, float]], costs: StepCosts, room: int) -> list[int]:
+def plan_drafts(slots: Sequence[int], offers: Sequence[Sequence[float]], costs: StepCosts, room: int) -> list[int]:
     """How many drafted tokens each generating sequence should verify in a step.
 
     `slots` are the generating sequences' slots (ascending), each adding one row that
-    yields one token; `offers` holds, for each, the draft tokens available and its
-    acceptance rate. Drafted token j of a sequence with rate a is expected to add
-    a**j tokens (it counts only if all before it were right). The plan takes the most
-    valuable drafted tokens first and keeps the number that maximises expected
-    tokens per predicted second, at most `room` in all; 0 everywhere when the plain
-    step cannot be predicted yet, or when drafting does not pay. With several
-    sequences, what drafts add to the plain step is scaled by what they were seen to
-    cost (`StepCosts.shared_drafts`)."""
+    yields one token; `offers` holds, for each, the chance that each of its available
+    draft tokens counts, decreasing (`Acceptance.chances`): the tokens it is expected
+    to add. The plan takes the most valuable drafted tokens first and keeps the number
+    that maximises expected tokens per predicted second, at most `room` in all; 0
+    everywhere when the plain step cannot be predicted yet, or when drafting does not
+    pay. With several sequences, what drafts add to the plain step is scaled by what
+    they were seen to cost (`StepCosts.shared_drafts`)."""
     counts = [1] * len(slots)
     baseline = predicted_seconds(list(zip(slots, counts, strict=True)), costs)
     plan = [0] * len(slots)
     if baseline is None or baseline <= 0:
         return plan
-    gains = sorted(
-        ((rate**j, index) for index, (available, rate) in enumerate(offers) for j in range(1, available + 1)),
-        reverse=True,
-    )[: max(0, room)]
+    gains = sorted(((chance, index) for index, chances in enumerate(offers) for chance in chances), reverse=True)[
+        : max(0, room)
+    ]
     best_count, best_speed, expected = 0, len(slots) / baseline, float(len(slots))
     for count, (gain, index) in enumerate(gains, start=1):
         expected += gain
