@@ -99,6 +99,11 @@ a request that arrives while a chunk is computed waits for that chunk."""
 LOOSE_PROBE = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 4
 """The text `check_loose` computes in three cuts."""
 
+FEWEST_DRAFT_ROWS = 9
+"""Logit rows a step's drafts and sampled tokens may take when the slots are fewer: a
+lone stream of the 8-slot default drafts up to 8 tokens; with 16 slots, up to
+`MAX_DRAFT` (the rows llama.cpp holds for the slots anyway)."""
+
 CATCH_UP_AFTER = 7
 """Answer tokens a lone stream computes as it goes before it computes them again as
 one loose piece (with its next token: 8 rows, the fewest of a loose shape)."""
@@ -621,8 +626,8 @@ class Scheduler:
         offers = [job.acceptance.chances(len(draft)) for job, draft in zip(generating, proposals, strict=True)]
         # llama.cpp keeps a logit row for each of its sequences, and a step that wants more
         # grows that buffer for good (1 MiB a row on Gemma): drafts fill the rows of the
-        # sequences that are not generating (and one whole draft when there are few slots).
-        room = max(len(self._slots), MAX_DRAFT + 1) - len(generating)
+        # sequences that are not generating (and at least FEWEST_DRAFT_ROWS with few slots).
+        room = max(len(self._slots), FEWEST_DRAFT_ROWS) - len(generating)
         plan = plan_drafts([self._slot_of(job) for job in generating], offers, self._costs, room)
         return [Lookup(proposal, count) for proposal, count in zip(proposals, plan, strict=True)]
 

@@ -17,7 +17,7 @@ Whether a step speculates is decided from measured costs (`StepCosts`, one figur
 per llama.cpp pass: `ubatches`) and from how likely each drafted token is
 (`Acceptance`): drafts are added only while the expected tokens per second of the
 step rise. A batch of many sequences gets few or none; a lone stream copying its
-prompt gets a long draft, a stream whose lookups keep missing none.
+prompt gets a long draft (up to 15 tokens), a stream whose lookups keep missing none.
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ from typing import NamedTuple
 LONGEST_MATCH = 4
 """Longest n-gram looked up; the longest one found wins (the likeliest continuation)."""
 SHORTEST_MATCH = 2
-MAX_DRAFT = 8
-"""Tokens one sequence may draft in a step. At 90-95% acceptance the best draft for a
-lone stream on Gemma 3 270M is 5-9 tokens (a drafted row costs about a third of a
-step); each row wants a logit row, 1 MiB on Gemma's 262,144-token vocabulary."""
+MAX_DRAFT = 15
+"""Tokens one sequence may draft in a step. A lone stream's step costs less a token
+the more rows it has while its drafts are right (Gemma 3 270M, 2 threads: 26 ms for
+one row, 75-79 for 8, 101-104 for 12, 126-127 for 16, from
+bench/probes/draft_policy.py), and copied text has long right runs. Each row wants
+a logit row, 1 MiB on Gemma's 262,144-token vocabulary: the scheduler keeps drafts
+within the rows llama.cpp already holds."""
 
 
 class NgramDrafts:
@@ -86,8 +89,9 @@ class Acceptance:
 
     Copying comes in runs: a lookup that was right for the last tokens is likely right
     for the next one, and a miss means the text left what was copied. On the bench's
-    grounded answers (36 prompts, 128 tokens each, plain greedy), the next lookup token
-    was right 66% of the time after a miss, 90% after 2 right ones and 99% after 16.
+    grounded answers (36 prompts, 128 tokens each, plain greedy: see
+    bench/probes/draft_policy.py), the next lookup token was right 66% of the time
+    after a miss, 90% after 2 right ones and 99% after 16.
     So a drafted token's chance is a Beta prior centred on the sequence's rate so far
     (`rate`, from a Beta(1, 1)), of weight `RUN_PRIOR` tokens, updated with the current
     run of right guesses, the drafted tokens before it counted as right (it counts only
@@ -125,10 +129,11 @@ class Acceptance:
         self.run = 0
 
 
-CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 8, MAX_DRAFT + 1)
+CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 15, MAX_DRAFT + 1)
 """Batch sizes timed when a model loads: one sequence with up to a whole draft (the
-sizes between are interpolated). llama.cpp's kernels change at 4 and 8 rows, so
-those and their neighbours are timed."""
+sizes between are interpolated). llama.cpp's kernels change at multiples of 4 and at
+8 rows (4 rows 44 ms, 5 rows 69 ms, 8 rows 75 ms), so those and their neighbours are
+timed."""
 
 
 class Pass(NamedTuple):
