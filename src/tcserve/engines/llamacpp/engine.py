@@ -15,17 +15,19 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tcserve.core.request import EngineEvent, Finished, GenerationRequest, PromptTokens
 from tcserve.core.transcript import HUMAN_TURN
 from tcserve.engines.base import Admission, EngineStats, PromptFormat
-from tcserve.engines.llamacpp.chat import ChatTemplate, load_chat_template
 from tcserve.engines.llamacpp.chunks import CPU_LOOSE
 from tcserve.engines.llamacpp.native import ContextParams, Model
 from tcserve.engines.llamacpp.sampling import Sampler
 from tcserve.engines.llamacpp.scheduler import Job, Outcome, Scheduler, Stats
 from tcserve.errors import EngineFailure, EngineNotReady, TCServeError
+
+if TYPE_CHECKING:
+    from tcserve.engines.llamacpp.chat import ChatTemplate
 
 log = logging.getLogger("tcserve.llamacpp")
 
@@ -171,6 +173,8 @@ class LlamaCppEngine:
                     " and no chat_template is set"
                 )
             return None
+        from tcserve.engines.llamacpp.chat import load_chat_template  # jinja2: only for a model with a template
+
         return load_chat_template(
             source, bos_token=metadata.bos_token, eos_token=metadata.eos_token, name=self._settings.name
         )

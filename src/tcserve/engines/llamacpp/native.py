@@ -6,17 +6,47 @@ except `Vocab.tokenize` and `Vocab.piece`, which only read the vocabulary.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 
 from tcserve.errors import EngineFailure
 
+if TYPE_CHECKING:
+    import llama_cpp.llama_cpp as llama
+
 log = logging.getLogger("tcserve.llamacpp")
+
+
+def _bindings() -> ModuleType:
+    """llama-cpp-python's ctypes bindings (`llama_cpp.llama_cpp`), loaded without the
+    package's `__init__`, which also imports its high-level `Llama` (jinja2, diskcache
+    and more), code the server never uses: 3.4 MiB less peak RSS for a 16-slot server
+    after three grounded requests (VmHWM 700.5 against 703.9 MiB; 10.7 MiB in a bare
+    interpreter, where nothing else shares those imports). The package is put in
+    `sys.modules` only while the bindings load, so a later `import llama_cpp` (a
+    benchmark's tokenizer) runs the real package, which reuses them."""
+    if "llama_cpp" in sys.modules:
+        return importlib.import_module("llama_cpp.llama_cpp")
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError("llama-cpp-python is not installed")
+    sys.modules["llama_cpp"] = importlib.util.module_from_spec(spec)
+    try:
+        return importlib.import_module("llama_cpp.llama_cpp")
+    finally:
+        del sys.modules["llama_cpp"]
+
+
+llama = _bindings()
 
 
 def _forward_ggml_log(level: int, text: bytes, _user: object) -> None:
