@@ -289,9 +289,8 @@ def plan_drafts(slots: Sequence[int], offers: Sequence[Sequence[float]], costs: 
     plan = [0] * len(slots)
     if baseline is None or baseline <= 0:
         return plan
-    gains = sorted(((chance, index) for index, chances in enumerate(offers) for chance in chances), reverse=True)[
-        : max(0, room)
-    ]
+    ranked = sorted(((chance, index) for index, chances in enumerate(offers) for chance in chances), reverse=True)
+    gains = ranked[: max(0, room)]
     best_count, best_speed, expected = 0, len(slots) / baseline, float(len(slots))
     for count, (gain, index) in enumerate(gains, start=1):
         expected += gain
