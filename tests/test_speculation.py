@@ -75,9 +75,14 @@ def test_a_run_of_right_guesses_makes_the_next_drafted_tokens_likelier_and_a_mis
     acceptance.record(2, 3)  # a miss after two right ones
     assert acceptance.run == 0
     assert acceptance.chances(1) == [pytest.approx(acceptance.rate)]  # back to the rate so far
-    acceptance.record(3, 3)
-    acceptance.lost()  # a step with no lookup: the text left what was copied
-    assert acceptance.run == 0 and (acceptance.accepted, acceptance.tried) == (19, 20)
+    acceptance.learn(proposed=5, verified=3, right=4)  # all three drafted tokens right
+    assert acceptance.run == 3
+    acceptance.learn(proposed=5, verified=0, right=1)  # not drafted: its first token is checked
+    assert acceptance.run == 4 and (acceptance.accepted, acceptance.tried) == (20, 21)
+    acceptance.learn(proposed=0, verified=0, right=0)  # a step with no lookup: the text left what was copied
+    assert acceptance.run == 0 and (acceptance.accepted, acceptance.tried) == (20, 21)
+    acceptance.learn(proposed=5, verified=4, right=1)  # a miss at the second drafted token
+    assert acceptance.run == 0 and (acceptance.accepted, acceptance.tried) == (21, 23)
 
 
 def test_a_sequence_whose_lookups_keep_missing_drafts_nothing() -> None:

@@ -34,7 +34,14 @@ import texts
 from load import load_prompts
 from tcserve.engines.llamacpp.engine import default_model_path
 from tcserve.engines.llamacpp.native import ContextParams, Model
-from tcserve.engines.llamacpp.speculation import MAX_DRAFT, Acceptance, NgramDrafts, StepCosts, plan_drafts
+from tcserve.engines.llamacpp.speculation import (
+    MAX_DRAFT,
+    Acceptance,
+    NgramDrafts,
+    StepCosts,
+    agreeing,
+    plan_drafts,
+)
 
 MAX_TOKENS = 128
 
@@ -100,22 +107,14 @@ def replay(prompt: list[int], answer: list[int], costs: dict[int, float], chance
     while produced < len(answer):
         proposal = drafts.propose(min(most, MAX_TOKENS - produced - 1))
         truth = answer[produced:]
-        right = 0
-        while right < len(proposal) and right < len(truth) and proposal[right] == truth[right]:
-            right += 1
+        right = agreeing(proposal, truth)
         if chances is None:
             verified = max(range(right + 1), key=lambda v: (v + 1) / costs[1 + v])
         elif proposal:
             verified = plan_drafts([0], [chances(acceptance, len(proposal))], model_costs, room=most)[0]
         else:
             verified = 0
-        if not proposal:
-            acceptance.lost()
-        elif verified:
-            agreed = min(right, verified)
-            acceptance.record(agreed, min(verified, agreed + 1))
-        else:
-            acceptance.record(int(right > 0), 1)
+        acceptance.learn(len(proposal), verified, right)
         gained = min(min(right, verified) + 1, len(truth))
         drafts.extend(truth[:gained])
         produced += gained

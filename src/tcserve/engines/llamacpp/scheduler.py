@@ -84,6 +84,7 @@ from tcserve.engines.llamacpp.speculation import (
     NgramDrafts,
     Pass,
     StepCosts,
+    agreeing,
     plan_drafts,
     predicted_seconds,
     ubatches,
@@ -667,16 +668,9 @@ class Scheduler:
             tokens.append(token)
             if offset == len(draft) or token != draft[offset]:
                 break
-        if not lookup.proposal:
-            job.acceptance.lost()
-        elif not draft:
-            # A lookup the step did not verify is checked all the same, so that the job's
-            # acceptance is learned while it is not drafting, and drafting starts once it
-            # would pay (at the 1/2 prior, four sequences side by side never drafted).
-            job.acceptance.record(int(tokens[0] == lookup.proposal[0]), 1)
+        job.acceptance.learn(len(lookup.proposal), len(draft), agreeing(lookup.proposal, tokens))
         if draft:
             agreed = len(tokens) - 1
-            job.acceptance.record(agreed, min(len(draft), agreed + 1))
             self.stats.drafted_tokens += len(draft)
             self.stats.accepted_tokens += agreed
             if agreed < len(draft):

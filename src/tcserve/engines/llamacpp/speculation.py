@@ -124,9 +124,26 @@ class Acceptance:
         self.tried += tried
         self.run = self.run + accepted if accepted == tried else 0
 
-    def lost(self) -> None:
-        """A step without a lookup: the text is not what the lookups know."""
-        self.run = 0
+    def learn(self, proposed: int, verified: int, right: int) -> None:
+        """What one step showed: its lookup proposed `proposed` tokens, the step verified
+        the first `verified`, and the first `right` were the model's. A step without a
+        lookup ends the run (the text is not what the lookups know). A lookup the step
+        did not verify is checked on its first token all the same, so that the rate is
+        learned while the sequence is not drafting, and drafting starts once it would
+        pay (at the 1/2 prior, four sequences side by side never drafted)."""
+        if proposed == 0:
+            self.run = 0
+            return
+        checked = max(verified, 1)
+        right = min(right, checked)
+        self.record(right, min(checked, right + 1))
+
+
+def agreeing(draft: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading tokens of the two agree."""
+    return next(
+        (at for at, (a, b) in enumerate(zip(draft, tokens, strict=False)) if a != b), min(len(draft), len(tokens))
+    )
 
 
 CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 15, MAX_DRAFT + 1)
