@@ -33,7 +33,7 @@ SHORTEST_MATCH = 2
 MAX_DRAFT = 15
 """Tokens one sequence may draft in a step. A lone stream's step costs less a token
 the more rows it has while its drafts are right (Gemma 3 270M, 2 threads: 26 ms for
-one row, 75-79 for 8, 101-104 for 12, 126-127 for 16, from
+one row, 75-80 for 8, 101-110 for 12, 126-137 for 16, from
 bench/probes/draft_policy.py), and copied text has long right runs. Each row wants
 a logit row, 1 MiB on Gemma's 262,144-token vocabulary: the scheduler keeps drafts
 within the rows llama.cpp already holds."""
