@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from tcserve.engines.llamacpp import pages
 from tcserve.errors import EngineFailure
 
 if TYPE_CHECKING:
@@ -58,6 +60,10 @@ def _forward_ggml_log(level: int, text: bytes, _user: object) -> None:
 
 
 _LOG_CALLBACK = llama.llama_log_callback(_forward_ggml_log)  # ctypes needs it kept alive
+
+_CREATING = threading.Lock()
+"""One model load and context creation at a time: the memory that a creation maps is
+told apart from other threads' by when it appeared (`pages.give_back_zero_pages`)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,10 @@ class Model:
     history (`swa_full`): 300 MiB less for Gemma 3 270M at 16 x 2048. A cached
     prefix can then be kept only while the window before it is still held
     (`window`, `earliest`; the scheduler checks).
+
+    llama.cpp clears the cache when it creates the context, which makes all of it
+    resident; those zero pages are given back, and the GGUF's pages until the first
+    decode (`pages.py`), so memory grows with the cells sequences write.
     """
 
     def __init__(self, path: Path, params: ContextParams) -> None:
@@ -136,13 +146,20 @@ class Model:
         llama.llama_backend_init()
         if not path.is_file():
             raise EngineFailure(f"model file not found: {path}")
-        model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
-        if not model:
-            raise EngineFailure(f"llama.cpp could not load {path} (not a GGUF model it supports?)")
-        context = llama.llama_init_from_model(model, _context_params(params))
-        if not context:
-            llama.llama_model_free(model)
-            raise EngineFailure(f"llama.cpp could not create a context of {params.slots} x {params.slot_context}")
+        with _CREATING:
+            model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+            if not model:
+                raise EngineFailure(f"llama.cpp could not load {path} (not a GGUF model it supports?)")
+            # The peak of a load is the model's pages and the freshly cleared cache
+            # together: both are given back until they are used (`pages.py`).
+            pages.drop_file_pages(path)
+            before = pages.anonymous_ranges()
+            context = llama.llama_init_from_model(model, _context_params(params))
+            if not context:
+                llama.llama_model_free(model)
+                raise EngineFailure(f"llama.cpp could not create a context of {params.slots} x {params.slot_context}")
+            given_back = pages.give_back_zero_pages(before)
+        log.debug("gave back %.1f MiB of the new context's zero pages", given_back / 2**20)
         self._model = model
         self._ctx = context
         self._memory = llama.llama_get_memory(context)
