@@ -15,7 +15,16 @@ import pytest
 
 from fake_model import EOS, hashed, replying, tokens_of
 from tcserve.core.request import SamplingParams
-from tcserve.engines.llamacpp.speculation import Acceptance, NgramDrafts, StepCosts, plan_drafts, ubatches
+from tcserve.engines.llamacpp.scheduler import FEWEST_DRAFT_ROWS
+from tcserve.engines.llamacpp.speculation import (
+    CALIBRATION_ROWS,
+    MAX_DRAFT,
+    Acceptance,
+    NgramDrafts,
+    StepCosts,
+    plan_drafts,
+    ubatches,
+)
 from test_scheduler import Harness, reference
 
 PASSAGE = "the quick brown fox jumps over the lazy dog and runs into the woods"
@@ -255,6 +264,15 @@ def test_drafts_stop_at_max_tokens_and_at_the_end_of_the_slot() -> None:
         assert "context" in str(short.outcomes(cut)[-1])
         texts.append(short.text(cut))
     assert texts[1] == texts[0] == PASSAGE[:13]  # the 13th token is sampled, then has no room
+
+
+def test_the_calibration_times_only_the_batch_sizes_a_step_can_have() -> None:
+    # A step holds a row for each slot, or FEWEST_DRAFT_ROWS with fewer slots.
+    for slots, most in ((4, FEWEST_DRAFT_ROWS), (16, MAX_DRAFT + 1)):
+        harness = Harness(slots=slots, slot_context=64, step_seconds=flat, speculative=True)
+        harness.scheduler.calibrate()
+        timed = sorted({len(batch) for batch in harness.model.decoded})
+        assert timed == [rows for rows in CALIBRATION_ROWS if rows <= most]
 
 
 def test_a_sampled_request_is_never_speculated() -> None:

@@ -297,7 +297,8 @@ class Scheduler:
             return elapsed
 
         timed(1)
-        self._costs.calibrate({rows: min(timed(rows) for _ in range(rounds)) for rows in CALIBRATION_ROWS})
+        sizes = [rows for rows in CALIBRATION_ROWS if rows <= self._step_rows]  # no step has more
+        self._costs.calibrate({rows: min(timed(rows) for _ in range(rounds)) for rows in sizes})
 
     def check_loose(self) -> None:
         """Check that this build of llama.cpp gives a token the same numbers in loose
@@ -628,9 +629,14 @@ class Scheduler:
         # llama.cpp keeps a logit row for each of its sequences, and a step that wants more
         # grows that buffer for good (1 MiB a row on Gemma): drafts fill the rows of the
         # sequences that are not generating (and at least FEWEST_DRAFT_ROWS with few slots).
-        room = max(len(self._slots), FEWEST_DRAFT_ROWS) - len(generating)
+        room = self._step_rows - len(generating)
         plan = plan_drafts([self._slot_of(job) for job in generating], offers, self._costs, room)
         return [Lookup(proposal, count) for proposal, count in zip(proposals, plan, strict=True)]
+
+    @property
+    def _step_rows(self) -> int:
+        """The most logit rows a step of generated tokens (and their drafts) takes."""
+        return max(len(self._slots), FEWEST_DRAFT_ROWS)
 
     def _draft_limit(self, job: Job) -> int:
         return min(
