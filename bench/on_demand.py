@@ -4,8 +4,10 @@ Gemma models loaded. Prints one table.
 
     python bench/on_demand.py [--warm 3] [--ctx-size 2048] [--parallel 4]
 
-The folder holds two symlinks to the packaged Gemma 3 270M (alpha, beta); the
-configured default model is the fake engine, so the baseline holds no weights.
+The folder holds two copies of the packaged Gemma 3 270M (alpha, beta: files of
+their own, as in a real folder of models, so each one's weights count in the RSS
+once it is used); the configured default model is the fake engine, so the baseline
+holds no weights.
 Prefix reuse is off, so a warm request computes its whole prompt like the cold one.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -82,7 +85,7 @@ def main() -> None:
         folder = Path(tmp) / "models"
         folder.mkdir()
         for name in ("alpha", "beta"):
-            (folder / f"{name}.gguf").symlink_to(gemma)
+            shutil.copyfile(gemma, folder / f"{name}.gguf")
         config = Path(tmp) / "tcserve.toml"
         config.write_text("[[models]]\nname = 'base'\nengine = 'fake'\n")
         port = free_port()
