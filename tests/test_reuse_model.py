@@ -199,3 +199,31 @@ def test_a_turn_sent_right_after_the_answer_reuses_what_the_stream_caught_up_wit
     assert warm.stats.reused_tokens - reused >= len(model.vocab.tokenize(f"{turn_1}{answer}")) - (CATCH_UP_AFTER + 1)
 
     assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=CPU_LOOSE)
+
+
+def test_a_speculating_stream_s_answer_is_reused_right_after_with_the_numbers_of_a_lone_prompt(model: Model) -> None:
+    """A lone stream copying its prompt verifies drafts; a drafting step whose rows make
+    a loose shape computes them as a loose piece, so the drafted answer is exact as it
+    comes, and a next turn sent at once reuses all but its last few tokens."""
+    marker = model.vocab.tokenize(HUMAN_TURN, False)
+    turn_1 = f"Copy the text.\n\nHuman: Copy this: {PASSAGE}\n\nAssistant: {PASSAGE[:40]}"
+    outcomes: list[tuple[Job, Outcome]] = []
+    warm = Scheduler(
+        model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, turn_marker=marker,
+        loose=CPU_LOOSE, speculative=True,
+    )  # fmt: skip
+    model.forget(0)
+    model.forget(1)
+    warm.calibrate()  # times the batch sizes the drafts are planned from (on slot 0)
+    first, _ = submit(warm, turn_1, max_tokens=48)
+    run_until_done(warm, outcomes, first)  # `step` only: the idle recompute never runs
+    answer = "".join(o.text for owner, o in outcomes if owner is first and isinstance(o, TextDelta))
+    assert warm.stats.accepted_tokens >= 24  # most of the answer came from drafts
+    turn_2 = f"{turn_1}{answer}{HUMAN_TURN} And the cafe?\n\nAssistant:"
+    reused = warm.stats.reused_tokens
+    second, reusing = submit(warm, turn_2, max_tokens=1)
+    run_until_done(warm, outcomes, second)
+    # All of turn 1 and its answer but the tokens streamed since the answer was last exact.
+    assert warm.stats.reused_tokens - reused >= len(model.vocab.tokenize(f"{turn_1}{answer}")) - (CATCH_UP_AFTER + 1)
+
+    assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=CPU_LOOSE)

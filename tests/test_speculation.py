@@ -15,7 +15,8 @@ import pytest
 
 from fake_model import EOS, hashed, replying, tokens_of
 from tcserve.core.request import SamplingParams
-from tcserve.engines.llamacpp.scheduler import FEWEST_DRAFT_ROWS
+from tcserve.engines.llamacpp.chunks import CPU_LOOSE
+from tcserve.engines.llamacpp.scheduler import CATCH_UP_AFTER, FEWEST_DRAFT_ROWS
 from tcserve.engines.llamacpp.speculation import (
     CALIBRATION_ROWS,
     MAX_DRAFT,
@@ -25,7 +26,7 @@ from tcserve.engines.llamacpp.speculation import (
     plan_drafts,
     ubatches,
 )
-from test_scheduler import Harness, reference
+from test_scheduler import MARKER, Harness, reference
 
 PASSAGE = "the quick brown fox jumps over the lazy dog and runs into the woods"
 EDITED = "the quick brown cat jumps over the lazy dog and runs into the woods"
@@ -264,6 +265,42 @@ def test_drafts_stop_at_max_tokens_and_at_the_end_of_the_slot() -> None:
         assert "context" in str(short.outcomes(cut)[-1])
         texts.append(short.text(cut))
     assert texts[1] == texts[0] == PASSAGE[:13]  # the 13th token is sampled, then has no room
+
+
+def by_fours(rows: int) -> float:
+    """llama.cpp's Q4_K kernels take rows four at a time: a step costs by groups of 4 rows."""
+    return 0.010 + 0.004 * -(-rows // 4)
+
+
+def test_a_lone_stream_s_drafts_in_loose_shapes_leave_its_answer_exact_as_it_goes() -> None:
+    weights = replying(PASSAGE)
+    prompt = f"Text: {PASSAGE}\nQuote it.{MARKER} A:"
+    harness = Harness(
+        slots=16, slot_context=256, chunk=128, prefill_budget=128, next_token=weights, step_seconds=by_fours,
+        speculative=True, turn_marker=tokens_of(MARKER), loose=CPU_LOOSE,
+    )  # fmt: skip
+    job = harness.submit(prompt, max_tokens=80)
+    harness.run_until_idle()  # `step` only: the idle recompute never runs
+    assert harness.text(job) == PASSAGE
+    generated = [[e for e in batch if e.position >= len(job.prompt)] for batch in harness.model.decoded]
+    # Drafting steps that carried the tokens behind again, without logits, before their
+    # own rows: a multiple of 4 rows, unpadded.
+    loose_drafts = [b for b in generated if b and not b[0].wants_logits and sum(e.wants_logits for e in b) > 2]
+    assert loose_drafts and all(len(b) % 4 == 0 and len(b) >= 8 for b in loose_drafts)
+    assert harness.scheduler.stats.accepted_tokens > len(PASSAGE) // 2
+    # The answer is exact up to its last few tokens, drafted ones included.
+    exact = harness.scheduler._slots[0].reusable
+    assert len(job.prompt) + len(PASSAGE) - CATCH_UP_AFTER <= exact <= len(job.prompt) + len(PASSAGE)
+
+    reused = harness.scheduler.stats.reused_tokens
+    turn_2 = f"{prompt}{PASSAGE}{MARKER} Again. A:"
+    second = harness.submit(turn_2, max_tokens=len(PASSAGE) + 1)
+    harness.run_until_idle()
+    assert harness.scheduler.stats.reused_tokens - reused == exact
+    cold = Harness(slots=1, slot_context=256, next_token=weights, step_seconds=by_fours)
+    alone = cold.submit(turn_2, max_tokens=len(PASSAGE) + 1)
+    cold.run_until_idle()
+    assert harness.text(second) == cold.text(alone) == PASSAGE
 
 
 def test_the_calibration_times_only_the_batch_sizes_a_step_can_have() -> None:

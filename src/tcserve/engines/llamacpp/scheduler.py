@@ -30,8 +30,9 @@ in speculative batches), so their numbers differ slightly from the same tokens
 in prompt pieces, and reusing them would make a greedy text depend on what the
 cache held before. Two things make them prompt-like. A lone stream catches up as
 it goes (`_catching_up`): every 8 tokens, its step computes the tokens since its
-last exact one again, with its next token, as one loose piece, so a turn sent
-right after the answer reuses all but its last few tokens. And once the engine has
+last exact one again, with its next token, as one loose piece, and a step whose
+draft makes a loose shape with them computes them that way at no extra cost, so a
+turn sent right after the answer reuses all but its last few tokens. And once the engine has
 been idle for `IDLE_BEFORE_RECOMPUTE`, it computes the latest answer again as
 prompt pieces, up to where the next turn's marker would start, one piece a step
 (`canonicalize`): the next turn then reuses it exactly as if it had been prompt,
@@ -108,9 +109,14 @@ lone stream of the 8-slot default drafts up to 8 tokens; with 16 slots, up to
 CATCH_UP_AFTER = 7
 """Answer tokens a lone stream computes as it goes before it computes them again as
 one loose piece (with its next token: 8 rows, the fewest of a loose shape)."""
+DRAFT_PADDING = 3
+"""Throwaway rows a lone stream's drafting step may take to make a loose shape: rows
+without logits cost a third of a drafted row's or less, and the step then makes the
+tokens behind and its agreed drafts exact (`Scheduler._catching_up`)."""
 CATCH_UP_AT_MOST = 24
-"""A stream that fell further behind (its drafts were accepted) stops catching up: a
-long piece in a step costs the stream's next token, and the idle recompute remains."""
+"""A stream that fell further behind (drafts of shapes that are not loose were
+accepted) stops catching up: a long piece in a step costs the stream's next token,
+and the idle recompute remains."""
 
 Outcome = EngineEvent | BaseException
 Deliver = Callable[[list[tuple["Job", Outcome]]], None]
@@ -532,16 +538,16 @@ class Scheduler:
         """Decode every generating job's sampled token (and its draft) in one batch and
         take the tokens that come out. Returns the rows of llama.cpp's passes."""
         self._model.batch.clear()
-        behind = self._catching_up(generating, lookups)
-        if behind is not None:
-            self._add_catch_up(generating[0], behind)
+        exact_from = self._catching_up(generating, lookups)
+        if exact_from is not None:
+            self._add_catch_up(generating[0], exact_from)
         pairs = zip(generating, lookups, strict=True)
         verifying = [(job, lookup, self._add_generated(job, lookup.draft)) for job, lookup in pairs]
-        if behind is not None:
+        if exact_from is not None:
             job = generating[0]
             assert job.slot is not None
             fed = job.position
-            self._pad(job.slot, fed, fed - behind, job.slot.tokens[-1])  # `_catching_up` checked the room
+            self._pad(job.slot, fed, fed - exact_from, job.slot.tokens[-1])  # `_catching_up` checked the room
         rows = [(self._slot_of(job), len(indexes)) for job, _, indexes in verifying]
         passes = ubatches(rows)
         plain = planned = None
@@ -554,48 +560,60 @@ class Scheduler:
             self._fail_batch(generating, status)
             return passes
         elapsed = self._clock() - started
-        if behind is not None:
+        if exact_from is not None:
             slot = generating[0].slot
             assert slot is not None
             self._model.forget(slot.index, fed)  # the padding rows
-            add_piece(slot.done, Segment(behind, fed, True))
-            self.stats.recomputed_tokens += fed - behind - 1
+            add_piece(slot.done, Segment(exact_from, fed, True))  # `_verify` cuts it where a draft went wrong
+            self.stats.recomputed_tokens += fed - exact_from - rows[0][1]  # the rows before the sampled token
         for job, lookup, indexes in verifying:
             self._verify(job, lookup, indexes)
-        if len(passes) == 1 and behind is None:  # what one pass of that shape costs
+        if len(passes) == 1 and exact_from is None:  # what one pass of that shape costs
             self._costs.record(passes[0].rows, passes[0].sequences, elapsed)
         if plain is not None and planned is not None:
             self._costs.record_shared_drafts(planned - plain, elapsed - plain)
         return passes
 
     def _catching_up(self, generating: list[Job], lookups: list[Lookup]) -> int | None:
-        """Where a lone stream's answer is computed again in this step, or None.
+        """Where this step makes a lone stream's answer exact (computes it as a loose
+        piece, from the slot's last exact token on), or None.
 
         An answer's tokens come out of steps of one row (or a few), shapes whose numbers
         differ from a prompt's. A lone stream that fell `CATCH_UP_AFTER` tokens behind its
         last exact one computes them again in this step, with its next token, as one
         loose piece (the cache drops them first: llama.cpp wants a sequence's positions
         in order), so a conversation's next turn sent right after the answer reuses it
-        as if it had been prompt. A stream beside others is not caught up (its rows
-        would share llama.cpp's passes with theirs), nor a step that drafts, nor an
-        answer whose turn grew into whole chunks."""
+        as if it had been prompt. A step that verifies a draft has rows enough already:
+        when the tokens behind (at most `CATCH_UP_AFTER`), its sampled token and its draft
+        make a loose shape with at most `DRAFT_PADDING` throwaway rows, they are computed
+        as one loose piece, and the draft's agreed tokens are exact as they come. A
+        stream beside others is not caught up (its rows would share llama.cpp's passes
+        with theirs), nor an answer whose turn grew into whole chunks."""
         loose = self._loose
         if loose is None or not self._prefix_cache or self._reuse_generated:
             return None
-        if len(generating) != 1 or lookups[0].verified or not generating[0].catching_up:
+        if len(generating) != 1 or not generating[0].catching_up:
             return None
         job = generating[0]
         slot = job.slot
         assert slot is not None and job.pending is not None
         start = slot.reusable
         behind = job.position - start
-        if behind < CATCH_UP_AFTER:
+        drafted = lookups[0].verified
+        rows = behind + 1 + drafted
+        padding = loose.rows(rows) - rows
+        if drafted:
+            if behind > CATCH_UP_AFTER or padding > DRAFT_PADDING or rows + padding > loose.most:
+                return None
+        elif behind < CATCH_UP_AFTER:
             return None
-        if behind > CATCH_UP_AT_MOST or start < tail_start([*slot.tokens, job.pending], self._chunk, self._marker):
+        elif behind > CATCH_UP_AT_MOST:
             job.catching_up = False
             return None
-        rows = behind + 1
-        if job.position + 1 + loose.rows(rows) - rows > self._model.slot_context:
+        if job.position + 1 + drafted + padding > self._model.slot_context:
+            return None
+        if start < tail_start([*slot.tokens, job.pending], self._chunk, self._marker):
+            job.catching_up = False
             return None
         return start
 
