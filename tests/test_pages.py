@@ -160,3 +160,19 @@ def test_a_new_context_holds_no_resident_cache_until_used_and_computes_the_same(
     assert float(given_back["peak"]) < float(kept["peak"]) - 150
     assert given_back["logits 0"] == kept["logits 0"]
     assert given_back["logits 15"] == kept["logits 15"]
+
+
+def test_nothing_is_given_back_where_libc_cannot_be_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def missing(*args: object, **kwargs: object) -> None:
+        raise OSError("no libc here")
+
+    monkeypatch.setattr(ctypes, "PyDLL", missing)
+    before = pages.anonymous_ranges()
+    made = Region(24 * MIB)
+    try:
+        made.memory.write(bytes(made.size))
+        assert pages.give_back_zero_pages(before) == 0
+        assert pages.drop_file_pages(tmp_path / "absent.gguf") == 0
+        assert resident(made.address, made.size) >= made.size - mmap.PAGESIZE
+    finally:
+        made.close()

@@ -54,9 +54,13 @@ Range = tuple[int, int]
 _LINUX = sys.platform.startswith("linux")
 
 
-def _libc() -> ctypes.PyDLL:
-    """libc's functions called with the GIL held (a ctypes.CDLL call would release it)."""
-    libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _libc() -> ctypes.PyDLL | None:
+    """libc's functions called with the GIL held (a ctypes.CDLL call would release it);
+    None where libc cannot be loaded (nothing is given back then)."""
+    try:
+        libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
@@ -129,9 +133,10 @@ def give_back_zero_pages(before: Sequence[Range]) -> int:
     (ranges of at least `SMALLEST` bytes), a slice at a time. Returns the bytes given
     back that were resident (reading a page that was never written makes it look
     resident, so this is counted before the check)."""
-    if not _LINUX:
+    libc = _libc() if _LINUX else None
+    if libc is None:
         return 0
-    libc, dropped = _libc(), 0
+    dropped = 0
     spans = [span for span in new_ranges(before, anonymous_ranges()) if span[1] - span[0] >= SMALLEST]
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e6)  # no other Python thread runs between a check and its drop
@@ -154,9 +159,10 @@ def drop_file_pages(path: Path) -> int:
     """Unmap the resident pages of `path`'s shared read-only mappings from this process
     (they stay in the page cache, and come back on the next access). Returns the bytes
     of the mappings advised."""
-    if not _LINUX:
+    libc = _libc() if _LINUX else None
+    if libc is None:
         return 0
-    libc, name, dropped = _libc(), str(path.resolve()), 0
+    name, dropped = str(path.resolve()), 0
     for (start, end), permissions, mapped in mappings():
         if mapped == name and permissions == "r--s" and libc.madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += end - start
