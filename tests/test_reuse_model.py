@@ -173,6 +173,26 @@ def test_a_conversations_next_turn_reuses_the_recomputed_answer_with_the_numbers
     assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=loose)
 
 
+def answer_alone(warm: Scheduler, outcomes: list[tuple[Job, Outcome]], prompt: str, max_tokens: int) -> tuple[Job, str]:
+    """Generate a lone stream's answer with `step` only: the idle recompute never runs."""
+    job, _ = submit(warm, prompt, max_tokens)
+    run_until_done(warm, outcomes, job)
+    return job, "".join(o.text for owner, o in outcomes if owner is job and isinstance(o, TextDelta))
+
+
+def assert_a_turn_sent_at_once_reuses_the_answer(
+    model: Model, warm: Scheduler, outcomes: list[tuple[Job, Outcome]], answered: str, marker: list[int]
+) -> None:
+    """The next turn after `answered` (a prompt and its answer) reuses all of it but the
+    tokens streamed since the answer was last exact, with the logits of a cold engine."""
+    turn_2 = f"{answered}{HUMAN_TURN} And the cafe?\n\nAssistant:"
+    reused = warm.stats.reused_tokens
+    second, reusing = submit(warm, turn_2, max_tokens=1)
+    run_until_done(warm, outcomes, second)
+    assert warm.stats.reused_tokens - reused >= len(model.vocab.tokenize(answered)) - (CATCH_UP_AFTER + 1)
+    assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=CPU_LOOSE)
+
+
 def test_a_turn_sent_right_after_the_answer_reuses_what_the_stream_caught_up_with_the_numbers_of_a_lone_prompt(
     model: Model,
 ) -> None:
@@ -186,19 +206,10 @@ def test_a_turn_sent_right_after_the_answer_reuses_what_the_stream_caught_up_wit
         model, outcomes.extend, slots=2, chunk=PREFILL_CHUNK, prefill_budget=240, turn_marker=marker,
         loose=CPU_LOOSE,
     )  # fmt: skip
-    first, _ = submit(warm, turn_1, max_tokens=40)
-    run_until_done(warm, outcomes, first)  # `step` only: the idle recompute never runs
-    answer = "".join(o.text for owner, o in outcomes if owner is first and isinstance(o, TextDelta))
+    first, answer = answer_alone(warm, outcomes, turn_1, max_tokens=40)
     assert first.produced >= 2 * (CATCH_UP_AFTER + 1)
     assert warm.stats.recomputed_tokens >= CATCH_UP_AFTER
-    turn_2 = f"{turn_1}{answer}{HUMAN_TURN} And the cafe?\n\nAssistant:"
-    reused = warm.stats.reused_tokens
-    second, reusing = submit(warm, turn_2, max_tokens=1)
-    run_until_done(warm, outcomes, second)
-    # All of turn 1 and its answer but the tokens streamed since the stream last caught up.
-    assert warm.stats.reused_tokens - reused >= len(model.vocab.tokenize(f"{turn_1}{answer}")) - (CATCH_UP_AFTER + 1)
-
-    assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=CPU_LOOSE)
+    assert_a_turn_sent_at_once_reuses_the_answer(model, warm, outcomes, turn_1 + answer, marker)
 
 
 def test_a_speculating_stream_s_answer_is_reused_right_after_with_the_numbers_of_a_lone_prompt(model: Model) -> None:
@@ -215,15 +226,6 @@ def test_a_speculating_stream_s_answer_is_reused_right_after_with_the_numbers_of
     model.forget(0)
     model.forget(1)
     warm.calibrate()  # times the batch sizes the drafts are planned from (on slot 0)
-    first, _ = submit(warm, turn_1, max_tokens=48)
-    run_until_done(warm, outcomes, first)  # `step` only: the idle recompute never runs
-    answer = "".join(o.text for owner, o in outcomes if owner is first and isinstance(o, TextDelta))
+    _, answer = answer_alone(warm, outcomes, turn_1, max_tokens=48)
     assert warm.stats.accepted_tokens >= 24  # most of the answer came from drafts
-    turn_2 = f"{turn_1}{answer}{HUMAN_TURN} And the cafe?\n\nAssistant:"
-    reused = warm.stats.reused_tokens
-    second, reusing = submit(warm, turn_2, max_tokens=1)
-    run_until_done(warm, outcomes, second)
-    # All of turn 1 and its answer but the tokens streamed since the answer was last exact.
-    assert warm.stats.reused_tokens - reused >= len(model.vocab.tokenize(f"{turn_1}{answer}")) - (CATCH_UP_AFTER + 1)
-
-    assert_logits_of_a_cold_engine(model, turn_2, reusing, turn_marker=marker, loose=CPU_LOOSE)
+    assert_a_turn_sent_at_once_reuses_the_answer(model, warm, outcomes, turn_1 + answer, marker)
