@@ -70,6 +70,35 @@ def test_a_suffix_seen_only_once_proposes_nothing() -> None:
     assert drafts.propose(3) == [0, 0, 0]  # a loop of one token: "0 0" ended one token back
 
 
+def ids(text: str) -> list[int]:
+    """One token a word ("=" and ":" too), the same id for the same word."""
+    vocabulary: dict[str, int] = ids.__dict__.setdefault("vocabulary", {})
+    return [vocabulary.setdefault(word, len(vocabulary)) for word in text.split()]
+
+
+RECORD = ids("a1 a2 = a3 ; b1 b2 = b3 ; c1 c2 = c3 ; d1 d2 = d3 ; e1 e2 = e3 ; end")
+
+
+def test_a_draft_goes_on_after_a_token_the_model_replaced() -> None:
+    drafts = NgramDrafts([*RECORD, *ids("a1 a2 :")])  # "a2 :" never occurred
+    assert drafts.propose(4) == ids("a3 ; b1 b2")  # ":" took the place of "="
+    drafts = NgramDrafts([*RECORD, *ids("a1 a2 a3")])  # "a2 a3" never occurred either
+    assert drafts.propose(2) == ids("; b1")  # "a3" came right after "a2", "=" left out
+    assert NgramDrafts(ids("x y z")).propose(2) == []  # "x y" never occurred before
+
+
+def test_a_replacement_the_model_made_twice_is_made_in_later_drafts_until_it_is_not() -> None:
+    drafts = NgramDrafts([*RECORD, *ids("a1 a2 :")])
+    assert drafts.propose(6) == ids("a3 ; b1 b2 = b3")
+    drafts.extend(ids("a3 ; b1 b2 :"))  # once: not yet a habit
+    assert drafts.propose(6) == ids("b3 ; c1 c2 = c3")
+    drafts.extend(ids("b3 ; c1 c2 :"))  # twice
+    assert drafts.propose(6) == ids("c3 ; d1 d2 : d3")
+    drafts.extend(ids("c3 ; d1 d2 ="))  # the model kept "=" this time
+    drafts.extend(ids("d3 ; e1 e2"))
+    assert drafts.propose(2) == ids("= e3")
+
+
 # -- the decision -------------------------------------------------------------------------
 
 

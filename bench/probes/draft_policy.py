@@ -10,7 +10,9 @@ model's real greedy answers with step costs measured in the same run.
    planner (`plan_drafts`), the measured costs and each policy's chances, and prints
    the decode seconds it predicts (prefill excluded), against the policy of 8-token
    drafts at a fixed rate (tcserve's policy before run-aware chances, here with
-   today's lookups) and against an oracle that knows how much of each draft is right.
+   today's lookups), against plain suffix lookups (without realigning after a token
+   the model replaced, and without learned replacements: tcserve's lookups before
+   them) and against an oracle that knows how much of each draft is right.
 
 The replay counts the costs of decodes only: it shows which policy wastes fewer
 steps, not the server's tok/s (bench/run.py measures those).
@@ -46,6 +48,16 @@ from tcserve.engines.llamacpp.speculation import (
 MAX_TOKENS = 128
 
 Chances = Callable[[Acceptance, int], list[float]]
+
+
+class PlainLookups(NgramDrafts):
+    """Suffix lookups only: no realigning, no learned replacements."""
+
+    def _realign(self) -> int | None:
+        return None
+
+    def _learn(self, token: int) -> None:
+        return None
 
 
 def row_costs(model: Model, most: int, rounds: int = 3) -> dict[int, float]:
@@ -98,11 +110,18 @@ def run_aware(acceptance: Acceptance, available: int) -> list[float]:
     return acceptance.chances(available)
 
 
-def replay(prompt: list[int], answer: list[int], costs: dict[int, float], chances: Chances | None, most: int) -> float:
+def replay(
+    prompt: list[int],
+    answer: list[int],
+    costs: dict[int, float],
+    chances: Chances | None,
+    most: int,
+    lookups: type[NgramDrafts] = NgramDrafts,
+) -> float:
     """Predicted decode seconds for the answer; `chances` None: the oracle."""
     model_costs = StepCosts()
     model_costs.calibrate(costs)
-    drafts, acceptance = NgramDrafts([*prompt, answer[0]]), Acceptance()
+    drafts, acceptance = lookups([*prompt, answer[0]]), Acceptance()
     produced, seconds = 1, 0.0  # the prefill yields the first token
     while produced < len(answer):
         proposal = drafts.propose(min(most, MAX_TOKENS - produced - 1))
@@ -160,17 +179,18 @@ def main() -> int:
         )
         print(f"  {kind}: {row}")
 
-    policies: dict[str, tuple[Chances | None, int]] = {
-        "fixed rate, 8 drafts (before)": (fixed_rate, 8),
-        "runs, 8 drafts": (run_aware, 8),
-        f"runs, {MAX_DRAFT} drafts (tcserve)": (run_aware, MAX_DRAFT),
-        f"oracle, {MAX_DRAFT} drafts": (None, MAX_DRAFT),
+    policies: dict[str, tuple[Chances | None, int, type[NgramDrafts]]] = {
+        "fixed rate, 8 drafts (before)": (fixed_rate, 8, NgramDrafts),
+        "runs, 8 drafts": (run_aware, 8, NgramDrafts),
+        f"runs, {MAX_DRAFT}, plain lookups": (run_aware, MAX_DRAFT, PlainLookups),
+        f"runs, {MAX_DRAFT} drafts (tcserve)": (run_aware, MAX_DRAFT, NgramDrafts),
+        f"oracle, {MAX_DRAFT} drafts": (None, MAX_DRAFT, NgramDrafts),
     }
     print("\npredicted decode seconds (all answers of a kind), and against the first policy:")
     for kind, pairs in answers.items():
         base = None
-        for name, (chances, most) in policies.items():
-            total = sum(replay(prompt, answer, costs, chances, most) for prompt, answer in pairs)
+        for name, (chances, most, lookups) in policies.items():
+            total = sum(replay(prompt, answer, costs, chances, most, lookups) for prompt, answer in pairs)
             base = base or total
             tokens = sum(len(answer) for _, answer in pairs)
             print(f"  {kind:9s} {name:31s} {total:6.2f} s  {tokens / total:6.1f} tok/s  {base / total:5.3f}x")
