@@ -111,8 +111,8 @@ def test_speculative_greedy_text_is_the_plain_greedy_text_up_to_near_ties(model:
         fast_text, fast = fast_generator(prompt)
         tokens = ([c.token for c in plain], [c.token for c in fast])
         first = next((i for i, (a, b) in enumerate(zip(*tokens, strict=False)) if a != b), None)
-        if first is None:
-            assert tokens[0] == tokens[1] and plain_text == fast_text
+        if first is None:  # one choice list may go on: a step samples its drafted rows past a stop sequence
+            assert plain_text == fast_text
             same += 1
             continue
         gaps = (plain[first].gap, fast[first].gap)
