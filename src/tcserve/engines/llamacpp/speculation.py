@@ -98,8 +98,9 @@ class NgramDrafts:
 
     def _realign(self) -> int | None:
         """Where copying goes on when the latest token replaced the one that followed the
-        n-gram before it, the last time that n-gram occurred (or took the place of two
-        tokens: the one after those two is the latest); None when it never did."""
+        n-gram before it, the last time that n-gram occurred (past the token after that
+        one, when that token is the latest: the model left one out); None when the
+        n-gram never occurred before."""
         tokens, latest = self._tokens, len(self._tokens) - 1
         for n in range(min(LONGEST_MATCH, latest), SHORTEST_MATCH - 1, -1):
             key = tuple(tokens[latest - n : latest])
