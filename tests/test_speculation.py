@@ -70,10 +70,12 @@ def test_a_suffix_seen_only_once_proposes_nothing() -> None:
     assert drafts.propose(3) == [0, 0, 0]  # a loop of one token: "0 0" ended one token back
 
 
+WORDS: dict[str, int] = {}
+
+
 def ids(text: str) -> list[int]:
-    """One token a word ("=" and ":" too), the same id for the same word."""
-    vocabulary: dict[str, int] = ids.__dict__.setdefault("vocabulary", {})
-    return [vocabulary.setdefault(word, len(vocabulary)) for word in text.split()]
+    """One token a word ("=" and ":" too), the same id for the same word (`WORDS`)."""
+    return [WORDS.setdefault(word, len(WORDS)) for word in text.split()]
 
 
 RECORD = ids("a1 a2 = a3 ; b1 b2 = b3 ; c1 c2 = c3 ; d1 d2 = d3 ; e1 e2 = e3 ; end")
