@@ -315,7 +315,7 @@ def test_a_lone_stream_s_drafts_in_loose_shapes_leave_its_answer_exact_as_it_goe
     assert harness.text(job) == PASSAGE
     generated = [[e for e in batch if e.position >= len(job.prompt)] for batch in harness.model.decoded]
     # Drafting steps that carried the tokens behind again, without logits, before their
-    # own rows: a multiple of 4 rows, unpadded.
+    # own rows: loose shapes (a multiple of 4 rows, at least 8, padding included).
     loose_drafts = [b for b in generated if b and not b[0].wants_logits and sum(e.wants_logits for e in b) > 2]
     assert loose_drafts and all(len(b) % 4 == 0 and len(b) >= 8 for b in loose_drafts)
     assert harness.scheduler.stats.accepted_tokens > len(PASSAGE) // 2
