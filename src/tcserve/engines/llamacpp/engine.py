@@ -86,7 +86,12 @@ class LlamaCppEngine:
         self._params = ContextParams(
             slots=settings.parallel,
             slot_context=settings.context_size,
-            batch_tokens=settings.parallel + self._prefill_budget,
+            # The most rows of one llama_decode: a step's generated tokens and drafts (one
+            # row a slot, or a lone stream's catch-up), or one prompt piece of at most a
+            # chunk. The budget spans several decodes and does not size the batch: at 16
+            # slots the batch stays under 256 rows, which keeps llama.cpp's sliding-window
+            # cache at 768 cells a sequence (512 + n_ubatch, rounded up to 256).
+            batch_tokens=settings.parallel + PREFILL_CHUNK,
             threads=settings.threads,
         )
         self._prefix_cache = settings.prefix_cache

@@ -241,6 +241,8 @@ class Batch:
     def add(self, token: int, position: int, slot: int, wants_logits: bool) -> int:
         """Append a token; returns its index in the batch (for `Model.logits`)."""
         index = self.size
+        if index >= self.capacity:  # llama_batch has no bounds of its own: this would write past it
+            raise IndexError(f"a llama batch of {self.capacity} tokens is full")
         native = self.native
         native.token[index] = token
         native.pos[index] = position
