@@ -20,7 +20,7 @@ from fake_model import EOS, Entry, FakeModel, FakeVocab, NextToken, hashed, repl
 from tcserve.core.request import Finished, GenerationRequest, SamplingParams, TextDelta
 from tcserve.engines.llamacpp.chunks import CPU_LOOSE
 from tcserve.engines.llamacpp.sampling import Sampler
-from tcserve.engines.llamacpp.scheduler import CATCH_UP_AFTER, Job, Outcome, Scheduler
+from tcserve.engines.llamacpp.scheduler import BURST_BUDGET, CATCH_UP_AFTER, Job, Outcome, Scheduler
 from tcserve.errors import EngineFailure, Overloaded
 
 CHUNK = 4
@@ -268,19 +268,67 @@ def test_a_budget_below_one_chunk_is_refused() -> None:
 
 
 def test_newcomers_are_prefilled_first_come_first_served_within_the_budget() -> None:
-    harness = Harness(slots=3, prefill_budget=CHUNK)
-    for prompt in ("abcde", "xy", "z"):  # 6 tokens (chunks of 4 and 2), 3 and 2
-        harness.submit(prompt, max_tokens=8)
-    for _ in range(4):
-        harness.scheduler.step()
-    assert slots_and_positions(harness.model.decoded) == [  # a llama_decode each
-        {0: [0, 1, 2, 3]},
-        {0: [4, 5]},  # "z" would fit in the 2 tokens left but does not overtake "xy"
-        {0: [6]},
-        {1: [0, 1, 2]},  # generated tokens do not count against the budget
-        {0: [7], 1: [3]},
-        {2: [0, 1]},
+    """Beside two generating streams, two newcomers: the older prompt's pieces come
+    first, several in one step as the budget allows (each a llama_decode of its own),
+    and the younger prompt never overtakes it, even where it would fit."""
+    harness = Harness(slots=4, prefill_budget=10)
+    for prompt in ("xy", "uv"):
+        harness.submit(prompt, max_tokens=20)
+    harness.scheduler.step()  # both prompts (3 tokens each)
+    harness.submit("abcdefghijklm", max_tokens=2)  # 14 tokens: chunks of 4, 4, 4 and 2
+    harness.submit("z", max_tokens=2)  # 2 tokens
+    before = len(harness.model.decoded)
+    harness.scheduler.step()
+    harness.scheduler.step()
+    assert slots_and_positions(harness.model.decoded[before:]) == [
+        {0: [3], 1: [3]},  # the running streams first: generated tokens do not count
+        {2: [0, 1, 2, 3]},
+        {2: [4, 5, 6, 7]},  # 2 tokens of the budget are left: "z" would fit, but waits
+        {0: [4], 1: [4]},
+        {2: [8, 9, 10, 11]},
+        {2: [12, 13]},
+        {3: [0, 1]},
     ]
+
+
+def first_handoffs(harness: Harness, jobs: Sequence[Job]) -> list[int]:
+    """The index of the hand-off that brought each job's first event."""
+    return [
+        next(n for n, handoff in enumerate(harness.handoffs) if any(owner is job for owner, _ in handoff))
+        for job in jobs
+    ]
+
+
+def test_a_burst_beside_one_stream_is_prefilled_in_one_step_up_to_a_few_budgets() -> None:
+    """Newcomers that outnumber the generating streams get a budget that grows with
+    the ratio, up to BURST_BUDGET times: a burst that arrives beside one stream is
+    not cut, where its last prompts would wait a step more. The running stream's
+    token is handed off before the prompts are computed, their first tokens after."""
+    harness = Harness(slots=10, prefill_budget=CHUNK)
+    runner = harness.submit("ab", max_tokens=20)
+    harness.scheduler.step()
+    burst = [harness.submit(prompt, max_tokens=3) for prompt in ("cd", "ef", "gh", "ij", "kl", "mn", "op", "qr")]
+    handed = len(harness.handoffs)
+    harness.scheduler.step()  # 8 newcomers, 1 stream: BURST_BUDGET x 4 tokens = 16, five 3-token prompts
+    assert [[owner for owner, _ in handoff] for handoff in harness.handoffs[handed:]] == [[runner], burst[:5]]
+    for _ in range(3):  # the rest: 3 newcomers beside 6 streams, one budget (4 tokens) a step
+        harness.scheduler.step()
+    assert first_handoffs(harness, burst) == [handed + 1] * 5 + [handed + 3, handed + 5, handed + 7]
+    harness.run_until_idle()
+    assert all(harness.ending(job)[2] == 3 for job in burst)
+    assert BURST_BUDGET == 4  # the arithmetic above
+
+
+def test_a_burst_on_an_idle_engine_is_prefilled_in_one_step() -> None:
+    """Nothing generates: the budget grows with the number of newcomers (up to
+    BURST_BUDGET times)."""
+    harness = Harness(slots=4, prefill_budget=CHUNK)
+    jobs = [harness.submit(prompt, max_tokens=3) for prompt in ("ab", "cd", "ef", "gh")]  # 3 tokens each
+    harness.scheduler.step()
+    assert first_handoffs(harness, jobs) == [0, 0, 0, 0]
+    assert len(harness.model.decoded) == 4
+    harness.run_until_idle()
+    assert all(harness.ending(job)[2] == 3 for job in jobs)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -301,18 +349,6 @@ def test_a_prompt_chunk_never_shares_a_batch_with_another_sequence(seed: int) ->
     assert all(len({entry.slot for entry in batch}) == 1 for batch in prompt_rows)
     for job in jobs:
         assert harness.text(job) == reference(job.request.prompt, job.request.max_tokens)
-
-
-def test_a_burst_is_prefilled_in_groups_that_fit_the_budget() -> None:
-    harness = Harness(slots=4, prefill_budget=2 * CHUNK)
-    jobs = [harness.submit(prompt, max_tokens=3) for prompt in ("ab", "cd", "ef", "gh")]  # 3 tokens each
-    harness.run_until_idle()
-    first_handoff = [
-        next(n for n, handoff in enumerate(harness.handoffs) if any(owner is job for owner, _ in handoff))
-        for job in jobs
-    ]
-    assert first_handoff == [0, 0, 1, 1]
-    assert all(harness.ending(job)[2] == 3 for job in jobs)
 
 
 # -- cancellation ---------------------------------------------------------------------

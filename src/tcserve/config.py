@@ -34,9 +34,10 @@ DEFAULT_PARALLEL = 8
 """On 2 to 8 cores llama.cpp's batched decode keeps gaining up to ~16 sequences;
 8 slots x 8192 tokens of Gemma 3 270M's cache is about 1.2 GB."""
 DEFAULT_PREFILL_BUDGET = 240
-"""256 measured best of 128/256/512 at 16 concurrent clients (README, "Batching"); 240
-so that with 16 slots a step's batch stays at 256 tokens, which keeps llama.cpp's
-sliding-window cache at 768 cells a sequence (1,024 above 256 tokens: 60 MiB more)."""
+"""256 measured best of 128/256/512 at 16 concurrent clients (README, "Batching"). A
+step computes its prompt pieces in llama_decodes of their own, so the budget does not
+size llama.cpp's batch; newcomers that outnumber the generating streams get up to 4
+budgets (`scheduler.BURST_BUDGET`)."""
 DEFAULT_MAX_QUEUE = 64
 MiB = 1024 * 1024
 
@@ -266,9 +267,9 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=8192,
-        description="prompt tokens of newcomers one batching step may add beside the running sequences: lower "
-        "gives a burst's first tokens sooner, higher processes long prompts under load faster; at least one "
-        "128-token chunk",
+        description="prompt tokens of newcomers one batching step may add beside the running sequences (up to 4 "
+        "times as many while newcomers outnumber them): lower pauses running streams less, higher processes "
+        "long prompts under load faster; at least one 128-token chunk",
         json_schema_extra=cli(metavar="N", model_default="prefill_budget"),
     )
     reuse_generated: bool | None = Field(
