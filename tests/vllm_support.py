@@ -98,7 +98,7 @@ def build_tiny_model(directory: Path, *, timeout: float = 300) -> Path:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         timeout=timeout,
-        env=_offline_env(directory.parent / f"{directory.name}-build"),
+        env=offline_env(directory.parent / f"{directory.name}-build"),
     )
     if done.returncode != 0:
         raise RuntimeError(f"building the tiny model failed ({done.returncode}):\n{done.stdout.decode()[-4000:]}")
@@ -184,7 +184,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _offline_env(scratch: Path) -> dict[str, str]:
+def offline_env(scratch: Path) -> dict[str, str]:
     """The environment for vLLM's venv: offline, every cache and temp file under `scratch`."""
     for name in ("cache", "tmp"):
         (scratch / name).mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ class VllmServer:
         ]  # fmt: skip
 
     def start(self, timeout: float = 300) -> None:
-        env = _offline_env(self.scratch)
+        env = offline_env(self.scratch)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         begin = time.monotonic()
         with self.log_path.open("ab") as log:
