@@ -87,14 +87,29 @@ tests see are unchanged."""
 # -- the tiny model (runs inside the vLLM venv) ------------------------------------------
 
 
-def build_tiny_model(directory: Path, *, timeout: float = 300) -> Path:
-    """Write the tiny model and its tokenizer to `directory` (created) and return it.
+SHAPES = {
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+           "num_key_value_heads": 4, "max_position_embeddings": 4096},
+}  # fmt: skip
+"""Llama sizes: `tiny` for the tests (float32), `1b` for bench/upstream_overhead.py on a GPU
+(TinyLlama-1.1B's layers, 1.0B parameters with this vocabulary, saved in bfloat16)."""
 
-    Runs this file with the vLLM venv's python, which has torch and transformers.
+
+def build_tiny_model(directory: Path, *, timeout: float = 300) -> Path:
+    """Write the tiny model and its tokenizer to `directory` (created) and return it."""
+    return build_random_model(directory, "tiny", timeout=timeout)
+
+
+def build_random_model(directory: Path, shape: str, *, timeout: float = 300, python: Path = VLLM_PYTHON) -> Path:
+    """Write a random-weight Llama of `shape` (`SHAPES`) and its tokenizer to `directory`.
+
+    Runs this file with `python` (the vLLM venv's), which has torch and transformers.
     """
     directory.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        [str(VLLM_PYTHON), str(Path(__file__).resolve()), "build", str(directory)],
+        [str(python), str(Path(__file__).resolve()), "build", str(directory), shape],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         timeout=timeout,
@@ -105,8 +120,8 @@ def build_tiny_model(directory: Path, *, timeout: float = 300) -> Path:
     return directory
 
 
-def _build(directory: Path) -> None:
-    """The body of `build_tiny_model`; imports the heavy packages of the vLLM venv."""
+def _build(directory: Path, shape: str) -> None:
+    """The body of `build_random_model`; imports the heavy packages of the vLLM venv."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -130,8 +145,10 @@ def _build(directory: Path) -> None:
     )
     assert tokenizer.get_vocab_size() == VOCAB_SIZE, tokenizer.get_vocab_size()
 
+    layers = {"max_position_embeddings": 2048, **SHAPES[shape]}
+    context = MAX_MODEL_LEN if shape == "tiny" else layers["max_position_embeddings"]
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, unk_token=unk, model_max_length=MAX_MODEL_LEN
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, unk_token=unk, model_max_length=context
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
@@ -139,12 +156,7 @@ def _build(directory: Path) -> None:
     torch.manual_seed(SEED)
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
+        **layers,
         bos_token_id=tokenizer.token_to_id(bos),
         eos_token_id=tokenizer.token_to_id(eos),
         tie_word_embeddings=False,
@@ -156,6 +168,8 @@ def _build(directory: Path) -> None:
     silent = [i for i in range(learned) if not _plain(tokenizer.decode([i]))] + list(range(learned, VOCAB_SIZE))
     with torch.no_grad():
         model.lm_head.weight[silent] = 0
+    if shape != "tiny":
+        model.to(torch.bfloat16)  # what a served model of this size is stored in
     model.save_pretrained(directory)
 
 
@@ -371,6 +385,6 @@ class VllmServer:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "build":
-        sys.exit(f"usage: {sys.argv[0]} build DIRECTORY")
-    _build(Path(sys.argv[2]))
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "build" or (sys.argv[3:] and sys.argv[3] not in SHAPES):
+        sys.exit(f"usage: {sys.argv[0]} build DIRECTORY [{'|'.join(SHAPES)}]")
+    _build(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else "tiny")
