@@ -175,10 +175,12 @@ def anthropic_body(prompt: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
-def openai_body(prompt: str, max_tokens: int) -> dict[str, Any]:
+def openai_body(prompt: str, max_tokens: int, model: str | None = None) -> dict[str, Any]:
     # repeat_penalty 1.0: llama-cpp-python's default is 1.1, which is not plain greedy
-    # (llama-server's default is already 1.0; tcserve has no penalties).
+    # (llama-server's default is already 1.0; tcserve has no penalties). The llama.cpp
+    # servers ignore `model`; vLLM checks it against its served name.
     return {
+        **({"model": model} if model else {}),
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -212,14 +214,20 @@ def _openai_chunk(sample: Sample, data: dict[str, Any], now: float) -> None:
 
 
 async def stream_request(
-    client: httpx.AsyncClient, base_url: str, api: str, prompt: str, max_tokens: int, turn: int = 0
+    client: httpx.AsyncClient,
+    base_url: str,
+    api: str,
+    prompt: str,
+    max_tokens: int,
+    turn: int = 0,
+    model: str | None = None,
 ) -> Sample:
     """Send one streaming completion; never raises (errors land in the sample)."""
     if api == "anthropic":
         url, body = base_url + "/v1/complete", anthropic_body(prompt, max_tokens)
         headers = {"anthropic-version": "2023-06-01"}
     else:
-        url, body, headers = base_url + "/v1/completions", openai_body(prompt, max_tokens), {}
+        url, body, headers = base_url + "/v1/completions", openai_body(prompt, max_tokens, model), {}
     sample = Sample(start=time.perf_counter(), turn=turn, prompt=prompt)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:

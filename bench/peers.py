@@ -43,6 +43,7 @@ class ServerSpec:
     argv: list[str]
     health_path: str
     api: str  # "anthropic" or "openai"
+    env: dict[str, str] | None = None  # the whole environment of the server (None: this process's)
 
 
 def free_port() -> int:
@@ -189,6 +190,7 @@ async def running(spec: ServerSpec, port: int, timeout: float, tag: str) -> Asyn
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=ROOT,
+            env=spec.env,
         )
     _LIVE.add(proc)
     server = RunningServer(spec, proc, f"http://127.0.0.1:{port}", log_path)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +41,12 @@ def quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+class Counter(Protocol):
+    """Counts the tokens of a text with a model's own tokenizer."""
+
+    def count(self, text: str) -> int: ...
+
+
 class TokenCounter:
     """The model's own tokenizer (vocab only), used identically for every server."""
 
@@ -55,6 +61,18 @@ class TokenCounter:
 
     def count(self, text: str) -> int:
         return len(self.ids(text))
+
+
+class HfTokenCounter:
+    """A Hugging Face `tokenizer.json` (a vLLM upstream's model), used like TokenCounter."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+
+    def count(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
 
 
 BURST_S = 0.001
@@ -76,7 +94,7 @@ def bursts(sample: Sample) -> list[tuple[float, str]]:
     return out
 
 
-def itl_samples(sample: Sample, counter: TokenCounter) -> list[float]:
+def itl_samples(sample: Sample, counter: Counter) -> list[float]:
     """Gap between successive bursts of non-empty deltas divided by the tokens that
     burst added (re-tokenising the text received so far; at least 1)."""
     out: list[float] = []
