@@ -239,7 +239,11 @@ class UpstreamEngine:
         elif self._config.api_key is not None:
             headers["authorization"] = f"Bearer {self._config.api_key}"
         timeout = httpx.Timeout(self._config.read_timeout, connect=self._config.connect_timeout)
-        client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport)
+        # Admission (max_in_flight) bounds the streams, and the upstream batches them. httpx's
+        # default pool holds 100 connections: a stream past 100 in flight waited for one and
+        # failed with a PoolTimeout after connect_timeout. It also keeps only 20 idle ones.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=self._config.max_in_flight)
+        client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport, limits=limits)
         if self._context_size is not None:  # known: still find out which replicas are up before serving
             await self._check_replicas(client)
         while self._context_size is None:  # /health says "loading" until a replica tells us
