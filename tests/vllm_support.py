@@ -7,13 +7,15 @@ Two halves:
   byte-level BPE tokenizer trained here on a few built-in paragraphs. Nothing
   comes from a model hub. It needs torch, transformers and tokenizers, which live
   in the separate vLLM venv (`.venv-vllm`, see tests/vllm-requirements.txt), so it
-  runs this file as a script with that venv's python.
+  runs this file as a script with that venv's python. `build_random_model(directory,
+  "1b")` makes one of realistic size the same way, for bench/upstream_overhead.py.
 - `VllmServer` starts `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1
   with every cache and temporary file under a test folder, waits for /health and
   kills its whole process group at the end (or, through a watchdog, when the
   test process dies first).
 
-This module imports only the standard library, so the main test venv can import it.
+This module imports only the standard library, so the main test venv (and the
+benchmark) can import it.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ CHAT_TEMPLATE = (
 tests see are unchanged."""
 
 
-# -- the tiny model (runs inside the vLLM venv) ------------------------------------------
+# -- the random models (built inside the vLLM venv) ---------------------------------------
 
 
 SHAPES = {
@@ -116,7 +118,7 @@ def build_random_model(directory: Path, shape: str, *, timeout: float = 300, pyt
         env=offline_env(directory.parent / f"{directory.name}-build"),
     )
     if done.returncode != 0:
-        raise RuntimeError(f"building the tiny model failed ({done.returncode}):\n{done.stdout.decode()[-4000:]}")
+        raise RuntimeError(f"building the {shape} model failed ({done.returncode}):\n{done.stdout.decode()[-4000:]}")
     return directory
 
 
