@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -159,9 +160,12 @@ def vllm_upstream(args: argparse.Namespace, port: int, scratch: Path) -> Upstrea
 def random_model(shape: str, python: Path) -> Path:
     """The random-weight model of `shape`, built under bench/.cache once (by `python`)."""
     directory = CACHE / f"random-llama-{shape}"
-    if not (directory / "config.json").exists():
+    if not directory.exists():
         print(f"building a random {shape} Llama in {directory} (once)", file=sys.stderr)
-        vllm_support.build_random_model(directory, shape, timeout=1800, python=python)
+        partial = directory.with_name(f"{directory.name}.partial")  # a build cut short is never taken for one
+        shutil.rmtree(partial, ignore_errors=True)
+        vllm_support.build_random_model(partial, shape, timeout=1800, python=python)
+        partial.rename(directory)
     return directory
 
 
@@ -273,6 +277,9 @@ def main() -> int:
         return 2
     if args.upstream == "vllm" and not Path(args.vllm_python).exists():
         print(f"no python at {args.vllm_python}: give --vllm-python (`make test` makes .venv-vllm)", file=sys.stderr)
+        return 2
+    if args.upstream == "vllm" and args.model_dir and not (Path(args.model_dir) / "tokenizer.json").exists():
+        print(f"no tokenizer.json in {args.model_dir}: the tokens are counted with it", file=sys.stderr)
         return 2
     data, table = asyncio.run(measure(args))
     print(table)
