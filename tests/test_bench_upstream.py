@@ -2,9 +2,11 @@
 
 The script is meant for a GPU machine (a 1B random model at c=1, 16 and 64, see its
 docstring); here it runs at the smallest size on the tests' tiny model, so that what
-it does around the numbers is checked: the model built here, vLLM started offline
-with its served name, tcserve in front of it, both paths answered without an error,
-the tokens counted with the model's own tokenizer, and the table and targets written.
+it does around the numbers is checked: vLLM started offline on a model folder,
+tcserve in front of it, both paths answered without an error, the tokens counted with
+the model's own tokenizer (a count by another one falls outside the bounds below),
+and the table and targets written. (vLLM 0.32 also answers a request that names no
+model, so the served name the script sends is not what this test shows.)
 The figures themselves are not checked: vLLM's CPU build on two cores says nothing
 about tcserve's overhead.
 """
